@@ -1,0 +1,64 @@
+# traffic-color: one entry point for every job. `make demo` and `make test`
+# install what they need first, so both work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 nginx-light wrk curl gcc
+KREL := $(shell uname -r)
+
+.PHONY: install demo test test-unit test-root bench lint image clean
+
+install: $(STAMP) kernel-headers
+
+# apt packages (as root; skipped when already present), then the venv.
+$(STAMP): pyproject.toml
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing apt packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing apt packages (run as root to install): $$missing"; fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@# Debian's bcc is pure Python over ctypes: link just that module into the venv.
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	if [ -d /usr/lib/python3/dist-packages/bcc ]; then ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc; fi
+	touch $(STAMP)
+
+# BCC needs /lib/modules/$(uname -r)/build; Debian's linux-headers-amd64 works
+# for tc programs when build and source point at its split layout (DESIGN.md).
+.PHONY: kernel-headers
+kernel-headers:
+	@if [ ! -e /lib/modules/$(KREL)/build/include ] && [ "$$(id -u)" = 0 ]; then \
+	  arch=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1); \
+	  common=$$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1); \
+	  if [ -n "$$arch" ] && [ -n "$$common" ]; then \
+	    mkdir -p /lib/modules/$(KREL); \
+	    ln -sfn $$arch /lib/modules/$(KREL)/build; \
+	    ln -sfn $$common /lib/modules/$(KREL)/source; \
+	    echo "linked kernel headers: $$arch, $$common"; \
+	  fi; \
+	fi
+
+demo: install
+	$(PY) -m sidecar demo
+
+test: install
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff format --check sidecar tests bench
+
+image: install
+	bash bench/../.ci/image.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

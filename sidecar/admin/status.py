@@ -1,0 +1,136 @@
+"""``traffic-color status``: read a running sidecar's ``/status`` and print it for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def process_info(started_at: float, ready_at: float | None) -> dict:
+    """Footprint facts an operator asks about: memory, start-up time, and that LLVM is not here."""
+    rss = 0
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    libbcc = False
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as fh:
+            libbcc = any("libbcc" in line or "libLLVM" in line for line in fh)
+    except OSError:
+        pass
+    return {
+        "pid": _pid(),
+        "rss_bytes": rss,
+        "uptime_seconds": round(time.time() - started_at, 3),
+        "startup_seconds": round(ready_at - started_at, 3) if ready_at else None,
+        "bcc_imported": "bcc" in sys.modules,
+        "llvm_mapped": libbcc,
+    }
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def run_status(admin: str, as_json: bool) -> int:
+    url = admin.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(format_status(data))
+    return 0
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def format_status(data: dict) -> str:
+    """A human table of what ``/status`` says."""
+    out = []
+    pol = data["policy"]
+    dp = data["datapath"]
+    proc = data.get("process", {})
+    out.append(
+        f"traffic-color {data['version']}  pod color: {data['pod_color']}  "
+        f"ready: {data['ready']} ({data['ready_reason']})"
+    )
+    out.append(
+        f"policy: {pol['source']} digest {pol['digest']}  header: {pol['header']}  "
+        f"mark mask: {pol['mark_mask']:#x}"
+    )
+    out.append("listeners: " + ", ".join(f"{k} {v}" for k, v in data["listeners"].items()))
+    if proc:
+        out.append(
+            f"process: pid {proc['pid']}  rss {proc['rss_bytes'] / 2**20:.1f} MiB  "
+            f"start-up {proc['startup_seconds']}s  bcc imported: {proc['bcc_imported']}"
+        )
+    counters = {(c["color"], c["hook"]): c for c in dp.get("counters", [])}
+    flows = data.get("open_flows", {})
+    kflows = dp.get("flows_by_color", {})
+    rows = []
+    for c in data["colors"]:
+        k_in = counters.get((c["name"], "ingress"), {})
+        k_eg = counters.get((c["name"], "egress"), {})
+        rows.append(
+            [
+                c["name"],
+                f"{c['mark']:#x}",
+                str(c["table"] or "main"),
+                "-" if c["priority"] is None else str(c["priority"]),
+                "-" if c["dscp"] is None else str(c["dscp"]),
+                str(flows.get(c["name"], 0)),
+                str(kflows.get(c["name"], "-")),
+                str(k_in.get("packets", "-")),
+                str(k_eg.get("packets", "-")),
+            ]
+        )
+    out.append("")
+    out.append(
+        _table(
+            [
+                "COLOR",
+                "MARK",
+                "TABLE",
+                "PRIO",
+                "DSCP",
+                "FLOWS",
+                "KERNEL FLOWS",
+                "PKTS IN",
+                "PKTS OUT",
+            ],
+            rows,
+        )
+    )
+    out.append("")
+    state = "attached" if dp["attached"] else ("off" if not dp["enabled"] else "NOT attached")
+    out.append(f"data path: {state}" + (f" ({dp['error']})" if dp.get("error") else ""))
+    for ap in dp.get("attach", []):
+        out.append(
+            f"  attach {ap.get('interface')} {ap.get('direction')} "
+            f"netns={ap.get('netns') or '-'} pref={ap.get('pref', '-')}"
+        )
+    for rule in dp.get("rules", []):
+        out.append(f"  rule {rule}")
+    return "\n".join(out)

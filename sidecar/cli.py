@@ -1,0 +1,168 @@
+"""Command line: wiring only. Each subcommand parses flags and hands off.
+
+Heavy modules (the proxy, aiohttp, pyroute2) are imported inside the command
+that needs them, so ``check`` and ``--version`` stay instant and small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sidecar import __version__
+
+POLICY_ENV = "TRAFFIC_COLOR_POLICY"
+COLOR_ENV = "TRAFFIC_COLOR"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="traffic-color",
+        description="Sidecar that colors HTTP traffic and lets the kernel route each color.",
+    )
+    parser.add_argument("--version", action="version", version=f"traffic-color {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("TRAFFIC_COLOR_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the sidecar until SIGTERM or SIGINT")
+    run.add_argument(
+        "--policy",
+        default=os.environ.get(POLICY_ENV),
+        help=f"policy file (env {POLICY_ENV}; built-in default when unset)",
+    )
+    run.add_argument(
+        "--color",
+        default=os.environ.get(COLOR_ENV),
+        help=f"this pod's color (env {COLOR_ENV}; the policy's default_color when unset)",
+    )
+
+    check = sub.add_parser("check", help="validate a policy file; print FILE:LINE: reason")
+    check.add_argument("file")
+    check.add_argument(
+        "--color",
+        default=os.environ.get(COLOR_ENV),
+        help=f"also check that this pod color is defined (env {COLOR_ENV})",
+    )
+
+    status = sub.add_parser("status", help="show a running sidecar's colors, flows and counters")
+    status.add_argument(
+        "--admin",
+        default=os.environ.get("TRAFFIC_COLOR_ADMIN", "http://127.0.0.1:15090"),
+        help="admin base URL (default http://127.0.0.1:15090)",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    doctor = sub.add_parser("doctor", help="check what the kernel data path needs on this host")
+    doctor.add_argument("--policy", default=os.environ.get(POLICY_ENV))
+
+    demo = sub.add_parser("demo", help="colored requests taking different paths, in namespaces")
+    demo.add_argument(
+        "--keep", action="store_true", help="leave the topology up until Enter is pressed"
+    )
+
+    inject = sub.add_parser("inject", help="add the sidecar to Kubernetes manifests")
+    inject.add_argument("-f", "--file", required=True, help="manifest file, or - for stdin")
+    inject.add_argument("--config", help="mutation settings (YAML), as the chart mounts them")
+
+    webhook = sub.add_parser("webhook", help="serve the mutating admission webhook")
+    webhook.add_argument("--host", default="0.0.0.0")
+    webhook.add_argument("--port", type=int, default=8443)
+    webhook.add_argument("--tls-cert", required=True)
+    webhook.add_argument("--tls-key", required=True)
+    webhook.add_argument("--config", help="mutation settings (YAML), as the chart mounts them")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = COMMANDS[args.command]
+    return handler(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sidecar.runtime import run_sidecar
+
+    return run_sidecar(args.policy, args.color)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from sidecar.errors import PolicyError
+    from sidecar.policy import check_pod_color, parse_policy
+
+    try:
+        with open(args.file, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        policy = parse_policy(text, args.file)
+    except PolicyError as exc:
+        print(exc.format(), file=sys.stderr)
+        return 1
+    if args.color:
+        why = check_pod_color(policy, args.color)
+        if why:
+            print(f"{args.file}:1: {why}", file=sys.stderr)
+            return 1
+    print(f"{args.file}: ok ({len(policy.colors)} colors, digest {policy.digest})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sidecar.admin.status import run_status
+
+    return run_status(args.admin, as_json=args.json)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from sidecar.datapath.doctor import format_doctor, run_doctor
+    from sidecar.runtime import load_policy
+
+    policy = load_policy(args.policy)
+    checks = run_doctor(policy)
+    print(format_doctor(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sidecar.demo.run import run_demo
+
+    return run_demo(args)
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from sidecar.inject.cli import run_inject
+
+    return run_inject(args)
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    from sidecar.admin.webhook import run_webhook
+
+    return run_webhook(args)
+
+
+COMMANDS = {
+    "run": _run,
+    "check": _check,
+    "status": _status,
+    "doctor": _doctor,
+    "demo": _demo,
+    "inject": _inject,
+    "webhook": _webhook,
+}

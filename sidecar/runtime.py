@@ -1,0 +1,340 @@
+"""The running sidecar: policy -> proxy, admin plane and kernel data path, and their lifecycle.
+
+This is the control plane's top: it owns the order of start (admin first so
+probes answer, then the data path so no flow opens unregistered, then the
+listeners), reload (SIGHUP or a change of the policy file, which Kubernetes
+ConfigMaps make by swapping a symlink) and stop (drain, then remove every
+kernel object we made).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from sidecar.admin.metrics import KernelCollector, KernelSnapshot, ProxyMetrics
+from sidecar.coloring import Colorer
+from sidecar.errors import DatapathError, PolicyError
+from sidecar.policy import Policy, check_pod_color, default_policy, parse_policy
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 1.0  # seconds between checks of the policy file
+
+
+def load_policy(path: str | None) -> Policy:
+    """The policy at ``path``, or the built-in default when no path is given."""
+    if not path:
+        return default_policy()
+    with open(path, encoding="utf-8") as fh:
+        return parse_policy(fh.read(), path)
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int] | None:
+    """What changes when a file is rewritten or a ConfigMap's symlink is swapped."""
+    try:
+        st = os.stat(path)  # follows the symlink: a swap shows as a new inode
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@dataclass
+class DatapathState:
+    """What the operator needs to know about the kernel side, including why it is off."""
+
+    enabled: bool = False
+    required: bool = False
+    error: str | None = None
+
+
+class Sidecar:
+    """One sidecar instance; tests run several in one process (own registry each)."""
+
+    def __init__(self, policy: Policy, pod_color: str, policy_path: str | None = None) -> None:
+        from sidecar.proxy import Proxy, ProxyContext
+
+        self.policy = policy
+        self.pod_color = pod_color
+        self.policy_path = policy_path
+        self.metrics = ProxyMetrics()
+        self.metrics.registry.register(KernelCollector(self._kernel_snapshot))
+        self.ctx = ProxyContext(
+            colorer=Colorer(policy, pod_color),
+            metrics=self.metrics,
+            timeouts=policy.timeouts,
+            app=policy.inbound.app,
+        )
+        self.proxy = Proxy(self.ctx)
+        self.datapath = None  # DatapathManager once attached
+        self.dp_state = DatapathState(policy.datapath.enabled, policy.datapath.required)
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+        self.listening = False
+        self.stopping = False
+        self._admin = None
+        self._reload_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Raise ``DatapathError`` when a required data path cannot attach."""
+        from sidecar.admin.app import AdminServer
+
+        self._admin = AdminServer(self)
+        await self._admin.start(self.policy.admin_listen)
+        if self.policy.datapath.enabled:
+            await self._start_datapath(self.policy)
+        await self.proxy.start(self.policy.outbound_listen, self.policy.inbound.listen)
+        self.listening = True
+        self.ready_at = time.time()
+        log.info(
+            "ready in %.2fs: color=%s outbound=%s inbound=%s admin=%s datapath=%s",
+            self.ready_at - self.started_at,
+            self.pod_color,
+            self.proxy.addresses.get("outbound"),
+            self.proxy.addresses.get("inbound"),
+            self.admin_address,
+            "attached" if self.datapath else "off",
+        )
+
+    async def _start_datapath(self, policy: Policy) -> None:
+        from sidecar.datapath.manager import DatapathManager
+
+        manager = DatapathManager(policy)
+        try:
+            # Compiling happens in a child process and netlink calls block: keep the loop free.
+            await asyncio.to_thread(manager.start)
+        except DatapathError as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(manager.close)
+            self.dp_state.error = str(exc)
+            if policy.datapath.required:
+                raise
+            log.warning("kernel data path unavailable, colors stay in headers only: %s", exc)
+            return
+        self.dp_state.error = None
+        self.datapath = manager
+        self.ctx.hooks = manager
+
+    async def stop(self) -> None:
+        """Drain in-flight requests up to the policy's deadline, then remove kernel objects."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: draining for up to %.1fs", self.policy.timeouts.drain)
+        if self.listening:
+            await self.proxy.drain(self.policy.timeouts.drain)
+            self.listening = False
+        if self.datapath is not None:
+            self.ctx.hooks = None
+            manager, self.datapath = self.datapath, None
+            await asyncio.to_thread(manager.close)
+        if self._admin is not None:
+            await self._admin.stop()
+        log.info("stopped")
+
+    # ------------------------------------------------------------ reload
+
+    async def reload(self, why: str) -> bool:
+        """Apply the policy file again; on any error keep the running policy and say why."""
+        async with self._reload_lock:
+            if not self.policy_path:
+                log.info("reload (%s): no policy file, the built-in default stays", why)
+                return True
+            try:
+                policy = await asyncio.to_thread(load_policy, self.policy_path)
+                problem = check_pod_color(policy, self.pod_color)
+                if problem:
+                    raise PolicyError(self.policy_path, [_issue(problem)])
+            except (PolicyError, OSError) as exc:
+                self.metrics.reload(False)
+                text = exc.format() if isinstance(exc, PolicyError) else str(exc)
+                log.error("reload (%s) rejected, the running policy stays:\n%s", why, text)
+                return False
+            if policy.digest == self.policy.digest:
+                return True
+            await self._apply(policy)
+            self.metrics.reload(True)
+            log.info("reload (%s): policy %s applied", why, policy.digest)
+            return True
+
+    async def _apply(self, policy: Policy) -> None:
+        old = self.policy
+        for what, a, b in (
+            ("outbound.listen", old.outbound_listen, policy.outbound_listen),
+            ("inbound.listen", old.inbound.listen, policy.inbound.listen),
+            ("admin.listen", old.admin_listen, policy.admin_listen),
+        ):
+            if a != b:
+                log.warning("%s changed from %s to %s: takes effect at the next start", what, a, b)
+        dp_old, dp_new = old.datapath, policy.datapath
+        if self.datapath is not None and dp_new.enabled:
+            try:
+                # On the loop thread: no flow can open between the old and the new tables.
+                self.datapath.apply(policy)
+            except DatapathError as exc:
+                self.dp_state.error = str(exc)
+                log.error("data path reload failed, previous kernel state kept: %s", exc)
+        elif self.datapath is not None:
+            self.ctx.hooks = None
+            manager, self.datapath = self.datapath, None
+            await asyncio.to_thread(manager.close)
+        elif dp_new.enabled and (not dp_old.enabled or dp_new != dp_old):
+            try:
+                await self._start_datapath(policy)
+            except DatapathError as exc:
+                log.error("data path required but unavailable after reload: %s", exc)
+        self.dp_state = DatapathState(
+            dp_new.enabled,
+            dp_new.required,
+            self.dp_state.error if dp_new.enabled and self.datapath is None else None,
+        )
+        self.ctx.colorer = Colorer(policy, self.pod_color)
+        self.ctx.timeouts = policy.timeouts
+        self.ctx.app = policy.inbound.app
+        self.policy = policy
+
+    async def watch_policy(self) -> None:
+        """Check the file every second; Kubernetes updates ConfigMaps by a symlink swap."""
+        if not self.policy_path:
+            return
+        seen = _file_identity(self.policy_path)
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = _file_identity(self.policy_path)
+            if now != seen and now is not None:
+                seen = now
+                await self.reload("file changed")
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        return self._admin.address if self._admin is not None else None
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "stopping"
+        if not self.listening:
+            return False, "listeners not up"
+        if self.dp_state.enabled and self.dp_state.required and self.datapath is None:
+            return False, f"data path required but not attached: {self.dp_state.error}"
+        return True, "ready"
+
+    def _kernel_snapshot(self) -> KernelSnapshot | None:
+        dp = self.datapath
+        return dp.snapshot() if dp is not None and dp.attached else None
+
+    def status(self) -> dict:
+        """The JSON behind ``/status`` and ``traffic-color status``."""
+        from sidecar.admin.status import process_info
+
+        p = self.policy
+        routing = p.datapath.routing.colors
+        ready, why = self.readiness()
+        out: dict = {
+            "version": _version(),
+            "pod_color": self.pod_color,
+            "ready": ready,
+            "ready_reason": why,
+            "policy": {
+                "source": p.source,
+                "digest": p.digest,
+                "header": p.header,
+                "default_color": p.default_color,
+                "mark_mask": p.mark_mask,
+            },
+            "colors": [
+                {
+                    "name": c.name,
+                    "id": c.id,
+                    "mark": c.mark,
+                    "priority": c.priority,
+                    "dscp": c.dscp,
+                    "table": routing[c.name].table if c.name in routing else None,
+                }
+                for c in p.colors.values()
+            ],
+            "listeners": {
+                name: f"{h}:{port}"
+                for name, (h, port) in {
+                    **self.proxy.addresses,
+                    **({"admin": self.admin_address} if self.admin_address else {}),
+                }.items()
+            },
+            "open_flows": self.proxy.open_flows(),
+            "datapath": {
+                "enabled": self.dp_state.enabled,
+                "required": self.dp_state.required,
+                "attached": self.datapath is not None,
+                "error": self.dp_state.error,
+            },
+            "process": process_info(self.started_at, self.ready_at),
+        }
+        if self.datapath is not None:
+            out["datapath"].update(self.datapath.status())
+        return out
+
+
+def _issue(message: str):
+    from sidecar.errors import PolicyIssue
+
+    return PolicyIssue(1, message)
+
+
+def _version() -> str:
+    from sidecar import __version__
+
+    return __version__
+
+
+async def serve(sidecar: Sidecar) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(sidecar.reload("SIGHUP")))
+    try:
+        await sidecar.start()
+    except DatapathError as exc:
+        log.error("kernel data path is required (datapath.required: true) and failed: %s", exc)
+        await sidecar.stop()
+        return 1
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        await sidecar.stop()
+        return 1
+    watcher = loop.create_task(sidecar.watch_policy())
+    await stop.wait()
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    await sidecar.stop()
+    return 0
+
+
+def run_sidecar(policy_path: str | None, color: str | None) -> int:
+    """``traffic-color run``: validate inputs, then serve on uvloop."""
+    import uvloop
+
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as exc:
+        log.error("policy rejected:\n%s", exc.format())
+        return 1
+    except OSError as exc:
+        log.error("cannot read policy %s: %s", policy_path, exc)
+        return 1
+    pod_color = color or policy.default_color
+    problem = check_pod_color(policy, pod_color)
+    if problem:
+        log.error("%s", problem)
+        return 1
+    return uvloop.run(serve(Sidecar(policy, pod_color, policy_path)))
