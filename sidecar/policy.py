@@ -277,11 +277,11 @@ class _Checker:
             return []
         return list(node.value)
 
-    def address(self, node: yaml.Node, what: str) -> Address | None:
+    def address(self, node: yaml.Node, what: str, listen: bool = True) -> Address | None:
         text = self.string(node, what)
         if text is None:
             return None
-        addr = parse_address(text)
+        addr = parse_address(text, listen)
         if addr is None:
             self.err(node, f"{what}: '{text}' is not HOST:PORT (IPv6 as [ADDR]:PORT)")
         return addr
@@ -295,10 +295,13 @@ def _kind(node: yaml.Node) -> str:
     return "value"
 
 
-def parse_address(text: str) -> Address | None:
-    """``host:port`` or ``[v6]:port`` -> Address; None when malformed."""
+def parse_address(text: str, listen: bool = False) -> Address | None:
+    """``host:port`` or ``[v6]:port`` -> Address; None when malformed.
+
+    A listen address may use port 0 (the kernel picks one: tests, local runs).
+    """
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not (0 if listen else 1) <= int(port) < 65536:
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -488,7 +491,7 @@ def _inbound(ck: _Checker, entry: Any, colors: dict[str, Color]) -> Inbound:
     if "listen" in fields:
         listen = ck.address(fields["listen"][1], "inbound.listen") or listen
     if "app" in fields:
-        app = ck.address(fields["app"][1], "inbound.app") or app
+        app = ck.address(fields["app"][1], "inbound.app", listen=False) or app
     trust = True
     if "trust_header" in fields:
         value = ck.boolean(fields["trust_header"][1], "inbound.trust_header")

@@ -115,7 +115,8 @@ def test_default_policy_is_valid_and_stable_by_default() -> None:
             "color 'red' is not defined",
         ),
         (
-            "inbound:\n  rules:\n    - split: {canary: 60, stable: 50}\n      sticky_key: header:u\n",
+            "inbound:\n  rules:\n    - split: {canary: 60, stable: 50}\n"
+            "      sticky_key: header:u\n",
             3,
             "add up to 110",
         ),
@@ -196,3 +197,9 @@ def test_pod_color_must_be_defined() -> None:
 def test_parse_address(text: str, expected: tuple[str, int] | None) -> None:
     addr = parse_address(text)
     assert (None if addr is None else (addr.host, addr.port)) == expected
+
+
+def test_listen_addresses_may_ask_for_any_port_but_the_app_may_not() -> None:
+    p = parse_policy('outbound: {listen: "127.0.0.1:0"}\n')
+    assert p.outbound_listen.port == 0
+    assert "not HOST:PORT" in errors_of('inbound: {app: "127.0.0.1:0"}\n')[0][1]
