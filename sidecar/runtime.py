@@ -176,8 +176,9 @@ class Sidecar:
         dp_old, dp_new = old.datapath, policy.datapath
         if self.datapath is not None and dp_new.enabled:
             try:
-                # On the loop thread: no flow can open between the old and the new tables.
-                self.datapath.apply(policy)
+                # Off the loop (a recompile takes about a second); the manager writes flows
+                # opened meanwhile to both the old and the new flow table.
+                await asyncio.to_thread(self.datapath.apply, policy)
             except DatapathError as exc:
                 self.dp_state.error = str(exc)
                 log.error("data path reload failed, previous kernel state kept: %s", exc)

@@ -1,0 +1,232 @@
+"""Cost of the classifier per packet, against an empty tc program, via BPF_PROG_TEST_RUN.
+
+For each flow-table size (default 1, 10k and 1M flows in a map sized to hold
+them) the classifier runs on a packet of a colored flow, next to an empty
+SCHED_CLS program (``return TC_ACT_OK``) measured in the same run on the same
+packet; the kernel reports the mean nanoseconds per run. The figure that
+matters is the ratio: the empty program is BPF_PROG_TEST_RUN's own overhead,
+so the ratio bounds what the classifier adds to a packet's tc hook. The script
+exits non-zero when a ratio passes ``--max-ratio`` (2.0) at any size.
+
+Two more columns explain the figure: "1 lookup" is a hand-assembled program
+doing nothing but one bpf_map_lookup_elem() in the same (IPv4) flow map with
+the same 12-byte key, the floor of any design with an LRU hash flow map; and
+"reply" is a packet of the other direction. Both directions of a flow are in
+the map (FlowTable writes the forward and the reverse key), so a reply costs
+one lookup too. The limit applies to forward and reply packets alike.
+
+    sudo .venv/bin/python bench/bpf_cost.py [--sizes 1,10000,1000000] [--json]
+
+``measure()`` returns the rows for bench/run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import struct
+import sys
+import time
+
+from sidecar.datapath import abi, bpfsys
+from sidecar.datapath.build import build_classifier
+from sidecar.datapath.maps import ColorTable, FlowTable
+from sidecar.policy import Color
+
+ETH_P_IP = 0x0800
+DEFAULT_SIZES = (1, 10_000, 1_000_000)
+BATCH = 65_536  # flows per bpf_map_update_batch call
+STABLE = Color("stable", 1, 0x1)
+
+# The flow whose packets are measured; the filler flows use 198.18.128.0/17 sources.
+LOCAL, REMOTE = ("198.18.0.1", 40000), ("198.19.0.10", 8080)
+
+
+def _packet(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
+    """Ethernet + IPv4 + TCP (ACK) with 64 bytes of payload."""
+    tcp = struct.pack("!HHIIBBHHH", src[1], dst[1], 1, 1, 5 << 4, 0x10, 65535, 0, 0)
+    tcp += b"\0" * 64
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(tcp),
+        1,
+        0x4000,
+        64,
+        6,
+        0,
+        bytes(map(int, src[0].split("."))),
+        bytes(map(int, dst[0].split("."))),
+    )
+    return b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01" + struct.pack("!H", ETH_P_IP) + ip + tcp
+
+
+def _fill(fd: int, count: int) -> float:
+    """Write ``count`` distinct filler flows as FlowTable does (forward and reverse key).
+
+    Batched updates, so a million flows take about a second; returns seconds spent.
+    """
+    started = time.monotonic()
+    key = struct.Struct("=4s4s2s2s")
+    assert key.size == ctypes.sizeof(abi.FlowKey4)
+    fwd_value = bytes(abi.FlowValue(color_id=STABLE.id))
+    rev_value = bytes(abi.FlowValue(color_id=STABLE.id, flags=abi.F_FLOW_REPLY))
+    dst = bytes([198, 19, 0, 10])
+    dport = (8080).to_bytes(2, "big")
+    done = 0
+    while done < count:
+        n = min(BATCH // 2, count - done)
+        keys, values = [], []
+        for i in range(done, done + n):
+            src = bytes([198, 18, 128 | (i >> 16 & 0x7F), i >> 8 & 0xFF])
+            sport = (1024 + (i & 0xFF)).to_bytes(2, "big")
+            keys += (key.pack(dst, src, dport, sport), key.pack(src, dst, sport, dport))
+            values += (rev_value, fwd_value)
+        bpfsys.map_update_batch(fd, b"".join(keys), b"".join(values), 2 * n)
+        done += n
+    return time.monotonic() - started
+
+
+def _insn(op: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", op, (src << 4) | dst, off, imm)
+
+
+def _lookup_only_insns(map_fd: int, key: bytes) -> bytes:
+    """One bpf_map_lookup_elem(map, &key) and return TC_ACT_OK: the floor of a hash flow map.
+
+    key words -> stack; r2 = &key; r1 = map; call map_lookup_elem; r0 = 0; exit.
+    """
+    assert len(key) % 4 == 0
+    top = -((len(key) + 7) // 8 * 8)  # the key's stack offset, 8-byte aligned
+    prog = b""
+    for i in range(0, len(key) - 4, 8):
+        lo, hi = struct.unpack("<ii", key[i : i + 8])
+        prog += _insn(0x18, dst=0, imm=lo) + _insn(0, imm=hi)  # r0 = imm64
+        prog += _insn(0x7B, dst=10, src=0, off=top + i)  # *(u64 *)(r10 + off) = r0
+    if len(key) % 8:
+        (tail,) = struct.unpack("<i", key[-4:])
+        prog += _insn(0x62, dst=10, off=top + len(key) - 4, imm=tail)  # *(u32 *)(...) = imm
+    prog += _insn(0xBF, dst=2, src=10) + _insn(0x07, dst=2, imm=top)  # r2 = r10 + top
+    prog += _insn(0x18, dst=1, src=1, imm=map_fd) + _insn(0)  # r1 = map (BPF_PSEUDO_MAP_FD)
+    prog += _insn(0x85, imm=1)  # call bpf_map_lookup_elem
+    return prog + bpfsys.RETURN_OK_INSNS
+
+
+def _ns(fd: int, packet: bytes, repeat: int) -> int:
+    run = bpfsys.prog_test_run(fd, packet, repeat=repeat)
+    if run.retval not in (0, abi.VERDICT_RETVAL):  # the empty program: OK; ours: UNSPEC
+        raise RuntimeError(f"program returned {run.retval:#x}, expected a pass verdict")
+    return run.duration_ns
+
+
+def measure(
+    sizes: tuple[int, ...] = DEFAULT_SIZES, repeat: int = 1_000_000, rounds: int = 5
+) -> list[dict]:
+    """One row per size: ns per packet for the baseline and the classifier, and the ratio.
+
+    Rounds alternate baseline and classifier so drift hits both; each figure is
+    the median over rounds. Needs root (CAP_BPF + CAP_NET_ADMIN).
+    """
+    baseline = bpfsys.prog_load_sched_cls(bpfsys.RETURN_OK_INSNS, "sc_bench_empty")
+    rows = []
+    try:
+        for size in sizes:
+            with build_classifier(max(size, 1)) as clf:
+                flows = FlowTable.of(clf)
+                ColorTable(clf.maps[abi.MAPS.colors], clf.maps[abi.MAPS.config]).apply(
+                    [STABLE], 0xFF
+                )
+                fill_s = _fill(clf.maps[abi.MAPS.flows], size - 1)
+                flows.add(STABLE.id, LOCAL, REMOTE)  # last in: the LRU keeps it
+                if flows.get(LOCAL, REMOTE) != STABLE.id:
+                    raise RuntimeError("the measured flow is not in the map")
+                fwd, reply = _packet(LOCAL, REMOTE), _packet(REMOTE, LOCAL)
+                prog = clf.progs["egress"]
+                lookup = bpfsys.prog_load_sched_cls(
+                    _lookup_only_insns(
+                        clf.maps[abi.MAPS.flows], bytes(abi.flow_key(LOCAL, REMOTE))
+                    ),
+                    "sc_bench_lookup",
+                )
+                base, one, hit, rev = [], [], [], []
+                try:
+                    for fd in (baseline, lookup, prog):  # warm caches and clocks; discarded
+                        _ns(fd, fwd, repeat)
+                    for _ in range(rounds):
+                        base.append(_ns(baseline, fwd, repeat))
+                        one.append(_ns(lookup, fwd, repeat))
+                        hit.append(_ns(prog, fwd, repeat))
+                        rev.append(_ns(prog, reply, repeat))
+                finally:
+                    os.close(lookup)
+                b, o, h, r = (statistics.median(x) for x in (base, one, hit, rev))
+                rows.append(
+                    {
+                        "flows": size,
+                        "flows_in_map": flows.count() if size <= 100_000 else None,
+                        "fill_s": round(fill_s, 2),
+                        "baseline_ns": b,
+                        "lookup_only_ns": o,
+                        "lookup_only_ratio": round(o / b, 2),
+                        "classifier_ns": h,
+                        "classifier_reply_ns": r,
+                        "ratio": round(h / b, 2),
+                        "reply_ratio": round(r / b, 2),
+                        "repeat": repeat,
+                        "rounds": rounds,
+                    }
+                )
+    finally:
+        os.close(baseline)
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    head = (
+        f"{'flows':>9} {'empty ns':>9} {'1 lookup ns':>12} {'ratio':>6} {'classifier ns':>14} "
+        f"{'ratio':>6} {'reply ns':>9} {'ratio':>6} {'fill s':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['flows']:>9} {r['baseline_ns']:>9} {r['lookup_only_ns']:>12} "
+            f"{r['lookup_only_ratio']:>6.2f} {r['classifier_ns']:>14} {r['ratio']:>6.2f} "
+            f"{r['classifier_reply_ns']:>9} {r['reply_ratio']:>6.2f} {r['fill_s']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
+    parser.add_argument("--repeat", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-ratio", type=float, default=2.0)
+    parser.add_argument("--json", action="store_true", help="print rows as JSON")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print(
+            "bpf_cost: needs root (CAP_BPF + CAP_NET_ADMIN) for BPF_PROG_TEST_RUN", file=sys.stderr
+        )
+        return 2
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    started = time.monotonic()
+    rows = measure(sizes, args.repeat, args.rounds)
+    print(json.dumps(rows, indent=2) if args.json else _table(rows))
+    worst = max(max(r["ratio"], r["reply_ratio"]) for r in rows)
+    print(
+        f"\nclassifier / empty program, colored flow (forward and reply): worst ratio "
+        f"{worst:.2f} (limit {args.max_ratio:.2f}); {time.monotonic() - started:.1f} s"
+    )
+    if worst > args.max_ratio:
+        print("FAIL: the classifier costs more than the limit", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

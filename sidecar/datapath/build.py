@@ -1,0 +1,411 @@
+"""Compile and load the classifier in a short-lived child; hand its fds to the parent.
+
+Why a child (issue 5): BCC pulls LLVM/clang (hundreds of MB) into the process
+that imports it, and the sidecar lives as long as its pod. So the parent runs
+``python -m sidecar.datapath.build`` which imports ``bcc``, compiles
+``bpf/classifier.c`` with the sizes Python owns (``-DSC_FLOW_MAP_SIZE``),
+loads both entry points as SCHED_CLS and sends the program and map fds back
+over a Unix socket (SCM_RIGHTS) with a JSON message naming each fd, then exits.
+The kernel objects live on through the parent's copies of the fds. The parent
+never imports ``bcc``; it uses ``bpfsys`` (libbpf over ctypes) on the fds.
+
+When the child cannot build, it sends ``{"ok": false, ...}`` with what is
+missing and how to fix it, and exits non-zero; ``build_classifier`` raises that
+as ``DatapathError(step="compile")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import importlib.resources
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.datapath import abi, bpfsys
+from sidecar.errors import DatapathError
+
+log = logging.getLogger(__name__)
+
+_MAX_FDS = 16
+_MSG_MAX = 1 << 16
+_DIST_PACKAGES = "/usr/lib/python3/dist-packages"  # Debian's python3-bpfcc
+
+# Linux capability bits (linux/capability.h).
+_CAP_NET_ADMIN = 12
+_CAP_SYS_ADMIN = 21
+_CAP_BPF = 39
+
+HINT_BCC = (
+    "install Debian's python3-bpfcc (apt-get install python3-bpfcc libbpfcc); "
+    "PyPI's package named 'bcc' is unrelated"
+)
+HINT_HEADERS = (
+    "BCC compiles against kernel headers: install linux-headers-$(uname -r) "
+    "(or run `make kernel-headers` to link Debian's linux-headers-amd64), or in a "
+    "container mount /lib/modules and /usr/src from the node (read-only)"
+)
+HINT_PERM = (
+    "loading tc programs needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN): "
+    "add them to the container's securityContext.capabilities or run as root"
+)
+
+
+# ------------------------------------------------------------------ parent side
+
+
+@dataclass
+class Classifier:
+    """The loaded classifier, as file descriptors the parent owns."""
+
+    progs: dict[str, int]  # "ingress" / "egress" -> program fd
+    maps: dict[str, int]  # abi map name -> map fd
+    flow_table_size: int
+    prog_tags: dict[str, str] = field(default_factory=dict)  # hook -> kernel prog tag
+    prog_ids: dict[str, int] = field(default_factory=dict)  # hook -> kernel prog id
+
+    def close(self) -> None:
+        """Close every fd; safe to call twice. Attached programs stay attached."""
+        for fd in [*self.progs.values(), *self.maps.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.progs.clear()
+        self.maps.clear()
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def source_dir() -> Path:
+    """Where ``classifier.c`` and its headers are (they ship as package ``sidecar.bpf``)."""
+    with contextlib.suppress(ModuleNotFoundError, TypeError, ValueError):
+        src = importlib.resources.files("sidecar.bpf").joinpath("classifier.c")
+        path = Path(str(src))
+        if path.is_file():
+            return path.parent
+    # A source checkout whose install does not map sidecar.bpf: the repo's bpf/.
+    fallback = Path(__file__).resolve().parents[2] / "bpf"
+    if (fallback / "classifier.c").is_file():
+        return fallback
+    raise FileNotFoundError("classifier.c not found in package sidecar.bpf nor in ./bpf")
+
+
+def build_classifier(flow_table_size: int, *, timeout: float = 60.0) -> Classifier:
+    """Compile and load the classifier in a child process; return its fds.
+
+    Raises ``DatapathError(step="compile")`` with the child's explanation when
+    it fails, and when it does not answer within ``timeout`` seconds.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidecar.datapath.build",
+        "--flow-table-size",
+        str(flow_table_size),
+        "--sock-fd",
+        str(theirs.fileno()),
+    ]
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    with ours, tempfile.TemporaryFile() as errfile:
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=errfile,
+                stderr=errfile,
+                env=env,
+            )
+        finally:
+            theirs.close()  # so a dead child reads as EOF here
+        try:
+            ours.settimeout(timeout)
+            msg, fds, _, _ = socket.recv_fds(ours, _MSG_MAX, _MAX_FDS)
+        except TimeoutError:
+            proc.kill()
+            proc.wait()
+            raise DatapathError(
+                "compile", f"the classifier build did not answer within {timeout:.0f} s"
+            ) from None
+        try:
+            rc = proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        errfile.seek(0)
+        stderr = errfile.read().decode(errors="replace")
+    try:
+        classifier = _accept(msg, fds, rc, stderr, flow_table_size)
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    log.info(
+        "classifier loaded in %.2f s: progs %s, flow table %d entries",
+        time.monotonic() - started,
+        classifier.prog_ids,
+        flow_table_size,
+    )
+    return classifier
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _accept(msg: bytes, fds: list[int], rc: int, stderr: str, size: int) -> Classifier:
+    """Check the child's message and turn it into a Classifier (or raise)."""
+    if not msg:
+        detail = _tail(stderr) or "no output"
+        raise DatapathError(
+            "compile", f"the classifier build exited ({rc}) without answering:\n{detail}"
+        )
+    payload = json.loads(msg)
+    if not payload.get("ok"):
+        text = payload.get("error", "unknown failure")
+        if payload.get("detail"):
+            text += "\n" + payload["detail"]
+        raise DatapathError(
+            "compile", text, code=payload.get("errno"), hint=payload.get("hint", "")
+        )
+    progs = {hook: fds[i] for hook, i in payload["progs"].items()}
+    maps = {name: fds[i] for name, i in payload["maps"].items()}
+    if set(progs) != set(abi.PROGS) or set(maps) != set(abi.MAPS):
+        raise DatapathError(
+            "compile",
+            f"the build sent {sorted(progs)} / {sorted(maps)}, "
+            f"expected {sorted(abi.PROGS)} / {sorted(abi.MAPS)}",
+        )
+    _check_layout(maps)
+    return Classifier(
+        progs=progs,
+        maps=maps,
+        flow_table_size=size,
+        prog_tags=payload.get("prog_tags", {}),
+        prog_ids=payload.get("prog_ids", {}),
+    )
+
+
+def flow_map_entries(flow_table_size: int) -> int:
+    """Entries of each flow map for a policy's flow_table_size (in flows).
+
+    Every flow takes two entries, its forward and its reverse key (maps.h), so
+    the policy's number still means flows, as its documentation says.
+    """
+    return 2 * flow_table_size
+
+
+# Key and value size of each map, per abi.py (a per-CPU value is one CPU's).
+_SIZES = {
+    abi.MAPS.flows: (abi.FlowKey4, abi.FlowValue),
+    abi.MAPS.flows6: (abi.FlowKey6, abi.FlowValue),
+    abi.MAPS.colors: (None, abi.ColorEntry),
+    abi.MAPS.config: (None, abi.Config),
+    abi.MAPS.stats: (None, abi.Counter),
+}
+
+
+def _check_layout(maps: dict[str, int]) -> None:
+    """The kernel's view of each map must match abi.py, or we would write garbage."""
+    for name, (key_t, value_t) in _SIZES.items():
+        info = bpfsys.map_info(maps[name])
+        want_key = ctypes.sizeof(key_t) if key_t is not None else 4
+        want_value = ctypes.sizeof(value_t)
+        if (info.key_size, info.value_size) != (want_key, want_value):
+            raise DatapathError(
+                "compile",
+                f"map {name} has key/value {info.key_size}/{info.value_size} bytes, abi.py "
+                f"expects {want_key}/{want_value}: bpf/maps.h and abi.py are out of sync",
+            )
+
+
+# ------------------------------------------------------------------- child side
+
+
+class _BuildFailure(Exception):
+    def __init__(self, error: str, hint: str = "", code: int | None = None, detail: str = ""):
+        super().__init__(error)
+        self.error, self.hint, self.code, self.detail = error, hint, code, detail
+
+
+def _capabilities() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _headers_problem() -> str | None:
+    """Why BCC will not find kernel headers, or None when they look present."""
+    override = os.environ.get("BCC_KERNEL_SOURCE")
+    if override:
+        if not Path(override, "include").is_dir():
+            return f"BCC_KERNEL_SOURCE={override} has no include/ directory"
+        return None
+    build = Path("/lib/modules", os.uname().release, "build")
+    if Path(build, "include").is_dir() or Path("/sys/kernel/kheaders.tar.xz").exists():
+        return None
+    return f"kernel headers not found: {build} does not exist"
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Collect what C libraries (clang, libbpf) print on fd 2, and still show it."""
+    out: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            sys.stderr.write(text)
+            out.append(text)
+
+
+def _fdinfo(fd: int) -> dict[str, str]:
+    info = {}
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    return info
+
+
+def _import_bcc():
+    try:
+        import bcc
+    except ImportError:
+        # Debian's module imports from any CPython 3.11 once its directory is on the path.
+        if _DIST_PACKAGES not in sys.path and os.path.isdir(_DIST_PACKAGES):
+            sys.path.append(_DIST_PACKAGES)
+        try:
+            import bcc
+        except ImportError as exc:
+            raise _BuildFailure(
+                f"the bcc Python module is not importable ({exc})", HINT_BCC
+            ) from None
+    return bcc
+
+
+def _compile(flow_table_size: int):
+    """Return (BPF object, {hook: fn}, {map: table}) or raise _BuildFailure."""
+    caps = _capabilities()
+    if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_NET_ADMIN & 1)):
+        raise _BuildFailure("missing capabilities to load BPF programs", HINT_PERM, errno.EPERM)
+    problem = _headers_problem()
+    if problem:
+        raise _BuildFailure(problem, HINT_HEADERS, errno.ENOENT)
+    bcc = _import_bcc()
+    try:
+        src = source_dir()
+    except FileNotFoundError as exc:
+        raise _BuildFailure(
+            str(exc), "the package must ship bpf/*.c and *.h as sidecar.bpf (pyproject)"
+        ) from None
+    cflags = [f"-I{src}", f"-DSC_FLOW_MAP_SIZE={flow_map_entries(flow_table_size)}"]
+    with _captured_stderr() as err:
+        try:
+            bpf = bcc.BPF(src_file=str(src / "classifier.c").encode(), cflags=cflags)
+            fns = {
+                hook: bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
+                for hook, name in abi.PROGS.items()
+            }
+            tables = {name: bpf.get_table(name) for name in abi.MAPS}
+            failure = None
+        except Exception as exc:  # BCC raises bare Exception for every failure
+            failure = exc
+    if failure is None:
+        return bpf, fns, tables
+    detail = _tail(err[0] if err else "", 20)
+    if "Operation not permitted" in detail or "super-user" in str(failure):
+        raise _BuildFailure(
+            f"the kernel refused the classifier: {failure}", HINT_PERM, errno.EPERM, detail
+        )
+    if "file not found" in detail and ".h" in detail:
+        raise _BuildFailure(
+            f"a kernel header is missing: {failure}", HINT_HEADERS, errno.ENOENT, detail
+        )
+    hint = ""
+    if "could not open bpf map" in detail:
+        hint = (
+            "the kernel refused to create a map: check datapath.flow_table_size "
+            "and the memory available to the pod"
+        )
+    raise _BuildFailure(
+        f"BCC could not build {src}/classifier.c with flow_table_size={flow_table_size}; it said:",
+        hint,
+        None,
+        detail or str(failure),
+    )
+
+
+def _child(flow_table_size: int, sock_fd: int) -> int:
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        bpf, fns, tables = _compile(flow_table_size)
+    except _BuildFailure as f:
+        payload = {
+            "ok": False,
+            "error": f.error,
+            "hint": f.hint,
+            "errno": f.code,
+            "detail": f.detail,
+        }
+        sock.send(json.dumps(payload).encode())
+        return 1
+    fds: list[int] = []
+    payload: dict = {"ok": True, "progs": {}, "maps": {}, "prog_tags": {}, "prog_ids": {}}
+    for hook, fn in fns.items():
+        payload["progs"][hook] = len(fds)
+        fds.append(fn.fd)
+        info = _fdinfo(fn.fd)
+        payload["prog_tags"][hook] = info.get("prog_tag", "")
+        payload["prog_ids"][hook] = int(info.get("prog_id", "0"))
+    for name, table in tables.items():
+        payload["maps"][name] = len(fds)
+        fds.append(table.map_fd)
+    socket.send_fds(sock, [json.dumps(payload).encode()], fds)
+    sock.close()
+    del bpf  # BCC closes its fds at exit; the parent's copies keep the objects alive
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flow-table-size", type=int, required=True)
+    parser.add_argument(
+        "--sock-fd", type=int, required=True, help="Unix SEQPACKET socket inherited from the parent"
+    )
+    args = parser.parse_args(argv)
+    return _child(args.flow_table_size, args.sock_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The build child: fds cross the process boundary and work; bcc stays out of the parent."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sidecar.datapath import abi, bpfsys
+from sidecar.datapath.build import build_classifier
+from sidecar.errors import DatapathError
+from tests.conftest import require_root
+
+pytestmark = pytest.mark.root
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+
+# Runs in a fresh interpreter, so nothing else in this test session can have imported bcc.
+PARENT = textwrap.dedent(
+    """
+    import json, sys
+    from sidecar.datapath import abi, bpfsys
+    from sidecar.datapath.build import build_classifier
+    from tests.bpf import packets as pk
+
+    clf = build_classifier(1000)
+    maps = {}
+    for name, fd in clf.maps.items():
+        info = bpfsys.map_info(fd)
+        maps[name] = [info.name.decode(), info.type, info.max_entries]
+    run = bpfsys.prog_test_run(clf.progs["ingress"], pk.tcp4(("198.18.0.1", 1), ("198.19.0.1", 2)))
+    print(json.dumps({
+        "bcc_imported": "bcc" in sys.modules,
+        "progs": sorted(clf.progs), "maps": maps, "retval": run.retval,
+        "ids": clf.prog_ids, "tags": clf.prog_tags,
+    }))
+    clf.close()
+    clf.close()
+    """
+)
+
+
+def test_fds_arrive_and_work_without_bcc_in_the_parent():
+    require_root()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run(
+        [sys.executable, "-c", PARENT], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["bcc_imported"] is False
+    assert out["progs"] == ["egress", "ingress"]
+    assert out["retval"] == abi.VERDICT_RETVAL
+    # Two entries per flow (forward and reverse key) in each family's map.
+    assert out["maps"] == {
+        abi.MAPS.flows: [abi.MAPS.flows, BPF_MAP_TYPE_LRU_HASH, 2000],
+        abi.MAPS.flows6: [abi.MAPS.flows6, BPF_MAP_TYPE_LRU_HASH, 2000],
+        abi.MAPS.colors: [abi.MAPS.colors, BPF_MAP_TYPE_ARRAY, abi.SC_MAX_COLORS * 2],
+        abi.MAPS.config: [abi.MAPS.config, BPF_MAP_TYPE_ARRAY, 1],
+        abi.MAPS.stats: [abi.MAPS.stats, BPF_MAP_TYPE_PERCPU_ARRAY, abi.SC_STATS_SLOTS],
+    }
+    assert all(pid > 0 for pid in out["ids"].values())
+    assert all(len(tag) == 16 for tag in out["tags"].values())
+
+
+def test_close_closes_every_fd_and_is_idempotent():
+    require_root()
+    clf = build_classifier(16)
+    fds = [*clf.progs.values(), *clf.maps.values()]
+    for name, key_t in ((abi.MAPS.flows, abi.FlowKey4), (abi.MAPS.flows6, abi.FlowKey6)):
+        info = bpfsys.map_info(clf.maps[name])
+        assert (info.max_entries, info.key_size) == (32, ctypes.sizeof(key_t))
+    clf.close()
+    clf.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_missing_kernel_headers_explain_the_fix(monkeypatch):
+    require_root()
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", "/nonexistent/kernel-headers")
+    with pytest.raises(DatapathError) as info:
+        build_classifier(1024)
+    err = info.value
+    assert err.step == "compile"
+    assert "/nonexistent/kernel-headers" in str(err)
+    assert "linux-headers" in err.hint and "/lib/modules" in err.hint
+
+
+def test_kernel_refusal_reaches_the_parent_with_details():
+    """A flow table of size 0 compiles but the kernel refuses the map: say so, with its words."""
+    require_root()
+    with pytest.raises(DatapathError) as info:
+        build_classifier(0)
+    text = str(info.value)
+    assert info.value.step == "compile"
+    assert "flow_table_size=0" in text
+    assert "sc_flows" in text  # libbcc's own message names the map it could not create
+
+
+def test_timeout_kills_the_child():
+    require_root()
+    with pytest.raises(DatapathError, match="did not answer within"):
+        build_classifier(1024, timeout=0.05)
