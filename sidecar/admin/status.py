@@ -86,13 +86,13 @@ def format_status(data: dict) -> str:
             f"process: pid {proc['pid']}  rss {proc['rss_bytes'] / 2**20:.1f} MiB  "
             f"start-up {proc['startup_seconds']}s  bcc imported: {proc['bcc_imported']}"
         )
-    counters = {(c["color"], c["hook"]): c for c in dp.get("counters", [])}
+    counters = dp.get("counters", {})
     flows = data.get("open_flows", {})
-    kflows = dp.get("flows_by_color", {})
+    kflows = dp.get("flows", {}).get("by_color", {})
     rows = []
     for c in data["colors"]:
-        k_in = counters.get((c["name"], "ingress"), {})
-        k_eg = counters.get((c["name"], "egress"), {})
+        k_in = counters.get(c["name"], {}).get("ingress", {})
+        k_eg = counters.get(c["name"], {}).get("egress", {})
         rows.append(
             [
                 c["name"],
@@ -101,9 +101,9 @@ def format_status(data: dict) -> str:
                 "-" if c["priority"] is None else str(c["priority"]),
                 "-" if c["dscp"] is None else str(c["dscp"]),
                 str(flows.get(c["name"], 0)),
-                str(kflows.get(c["name"], "-")),
-                str(k_in.get("packets", "-")),
-                str(k_eg.get("packets", "-")),
+                str(kflows.get(c["name"], 0)) if dp["attached"] else "-",
+                str(k_in.get("packets", 0)) if dp["attached"] else "-",
+                str(k_eg.get("packets", 0)) if dp["attached"] else "-",
             ]
         )
     out.append("")
@@ -126,11 +126,27 @@ def format_status(data: dict) -> str:
     out.append("")
     state = "attached" if dp["attached"] else ("off" if not dp["enabled"] else "NOT attached")
     out.append(f"data path: {state}" + (f" ({dp['error']})" if dp.get("error") else ""))
-    for ap in dp.get("attach", []):
+    for ap in dp.get("attach_points", []):
         out.append(
-            f"  attach {ap.get('interface')} {ap.get('direction')} "
-            f"netns={ap.get('netns') or '-'} pref={ap.get('pref', '-')}"
+            f"  tc {ap['direction']} on {ap['interface']} (ifindex {ap['ifindex']}, "
+            f"netns {ap.get('netns') or 'host'}): filter {ap['filter']['name']} "
+            f"pref {ap['filter']['pref']}"
         )
-    for rule in dp.get("rules", []):
-        out.append(f"  rule {rule}")
+    routing = dp.get("routing", {})
+    for r in routing.get("rules", []):
+        out.append(
+            f"  ip -{6 if r['family'] == 'inet6' else 4} rule {r['priority']}: "
+            f"fwmark {r['fwmark']:#x}/{r['fwmask']:#x} lookup {r['table']}"
+        )
+    for r in routing.get("routes", []):
+        out.append(
+            f"  route table {r['table']}: {r['dst']}"
+            + (f" via {r['via']}" if r.get("via") else "")
+            + (f" dev {r['dev']}" if r.get("dev") else "")
+        )
+    if dp["attached"]:
+        out.append(
+            f"  flow table: {dp['flows']['in_map']} flows of {dp['flow_table_size']}, "
+            f"{dp.get('evictions', 0)} evicted"
+        )
     return "\n".join(out)

@@ -266,3 +266,25 @@ async def _wait_for_listener(proc: asyncio.subprocess.Process) -> str:
         m = re.search(r"ready in .* outbound=\('([\d.]+)', (\d+)\)", line)
         if m:
             return f"{m.group(1)}:{m.group(2)}"
+
+
+async def test_status_command_prints_a_table_and_json(tmp_path: Path, backend: Backend) -> None:
+    sc = await started(configmap(tmp_path, policy_text(backend.port)))
+    try:
+        await color_of(sc, backend, "canary")
+        host, port = sc.admin_address
+        args = [sys.executable, "-m", "sidecar", "status", "--admin", f"http://{host}:{port}"]
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+        out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+        assert proc.returncode == 0, out
+        assert "pod color: stable" in out
+        rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1].islower()}
+        assert rows["canary"][1:3] == ["0x2", "main"]
+        assert "data path: off" in out
+        proc = await asyncio.create_subprocess_exec(*args, "--json", stdout=asyncio.subprocess.PIPE)
+        raw = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
+        import json
+
+        assert json.loads(raw)["policy"]["digest"] == sc.policy.digest
+    finally:
+        await sc.stop()
