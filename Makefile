@@ -47,7 +47,7 @@ kernel-headers:
 demo: install
 	$(PY) -m sidecar demo
 
-test: install
+test: install tools
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 bench: install

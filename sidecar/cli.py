@@ -66,16 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="leave the topology up until Enter is pressed"
     )
 
+    from sidecar.inject.cli import add_arguments as add_inject_arguments
+
     inject = sub.add_parser("inject", help="add the sidecar to Kubernetes manifests")
     inject.add_argument("-f", "--file", required=True, help="manifest file, or - for stdin")
-    inject.add_argument("--config", help="mutation settings (YAML), as the chart mounts them")
+    add_inject_arguments(inject)
 
     webhook = sub.add_parser("webhook", help="serve the mutating admission webhook")
     webhook.add_argument("--host", default="0.0.0.0")
     webhook.add_argument("--port", type=int, default=8443)
-    webhook.add_argument("--tls-cert", required=True)
-    webhook.add_argument("--tls-key", required=True)
-    webhook.add_argument("--config", help="mutation settings (YAML), as the chart mounts them")
+    webhook.add_argument("--tls-cert", required=True, metavar="FILE")
+    webhook.add_argument("--tls-key", required=True, metavar="FILE")
+    webhook.add_argument(
+        "--cert-reload-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how often to look for a renewed certificate "
+        "(env TRAFFIC_COLOR_CERT_RELOAD_SECONDS, default 10)",
+    )
+    add_inject_arguments(webhook)
     return parser
 
 

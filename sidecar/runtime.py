@@ -295,10 +295,19 @@ def _version() -> str:
     return __version__
 
 
+def _forget_signal_wakeup_fd() -> None:
+    """In a forked child: signals it gets must not be written to the parent's loop."""
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+
+
 async def serve(sidecar: Sidecar) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # A forked child (pyroute2 opens netns sockets from one) shares the loop's signal
+    # wakeup fd: a SIGTERM to that child would read as ours and stop the sidecar.
+    os.register_at_fork(after_in_child=_forget_signal_wakeup_fd)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(sidecar.reload("SIGHUP")))

@@ -1,0 +1,63 @@
+# traffic-color sidecar (and admission webhook) image.
+#
+# Debian bookworm, because the data path needs Debian's BCC (python3-bpfcc,
+# libbpfcc) and PyPI has no real BCC. The package lives in a virtual environment
+# that also sees Debian's `bcc` module. Kernel headers are not in the image: the
+# chart mounts the node's /lib/modules and /usr/src (read-only).
+#
+# Build without registry access by passing a local base:
+#   --build-arg BASE=localhost/debian-minbase:bookworm   (see .ci/image.sh)
+# Behind a TLS-inspecting proxy, mount the machine's CA bundle as a build secret
+# and name its path in the CA_BUNDLE build arg (buildah bud and docker buildx alike):
+#   --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt
+#   --build-arg CA_BUNDLE=/run/secrets/ca-bundle
+# pip reads it during the build only; a secret mount is never part of a layer.
+ARG BASE=debian:bookworm-slim
+
+# ---------------------------------------------------------------- build stage
+FROM ${BASE} AS build
+ARG CA_BUNDLE=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+COPY . /src
+# Every dependency ships a manylinux wheel for CPython 3.11, so no compiler is
+# needed; pip and setuptools are removed so the final venv holds no build tools.
+# PIP_CERT (not --cert) so the isolated build-dependency install sees it too.
+RUN --mount=type=secret,id=ca-bundle,required=false \
+    if [ -n "${CA_BUNDLE}" ]; then export PIP_CERT="${CA_BUNDLE}"; fi \
+ && python3 -m venv /opt/traffic-color \
+ && /opt/traffic-color/bin/pip install --only-binary=:all: --no-binary=traffic-color /src \
+ && /opt/traffic-color/bin/pip uninstall -y pip setuptools \
+ && find /opt/traffic-color -name '__pycache__' -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------- final stage
+FROM ${BASE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="traffic-color" \
+      org.opencontainers.image.description="Kubernetes sidecar that colors HTTP traffic and routes each color its own way with a tc/eBPF classifier" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="debian:bookworm-slim"
+ENV DEBIAN_FRONTEND=noninteractive
+COPY --from=build /opt/traffic-color /opt/traffic-color
+# Run-time packages only: BCC's Python module and library (which needs libbpf1,
+# also called directly through ctypes) and iproute2 for operators' debugging.
+# The venv sees Debian's bcc through one symlink, as `make install` does.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-bpfcc libbpfcc libbpf1 iproute2 \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
+ && site="$(/opt/traffic-color/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+ && ln -s /usr/lib/python3/dist-packages/bcc "${site}/bcc" \
+ && /opt/traffic-color/bin/python -c 'import bcc, sidecar'
+ENV PATH="/opt/traffic-color/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+EXPOSE 15001 15006 15090
+ENTRYPOINT ["traffic-color"]
+CMD ["run"]

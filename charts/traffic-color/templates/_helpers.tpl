@@ -1,0 +1,76 @@
+{{/* Names: <release>-traffic-color unless the release name already says it. */}}
+{{- define "traffic-color.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "traffic-color.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "traffic-color.webhookName" -}}
+{{- printf "%s-webhook" (include "traffic-color.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "traffic-color.tlsSecret" -}}
+{{- printf "%s-tls" (include "traffic-color.webhookName" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "traffic-color.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "traffic-color.baseLabels" -}}
+app.kubernetes.io/name: {{ include "traffic-color.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of every object, without the component. */}}
+{{- define "traffic-color.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "traffic-color.baseLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "traffic-color.selectorLabels" -}}
+{{ include "traffic-color.baseLabels" . }}
+app.kubernetes.io/component: webhook
+{{- end -}}
+
+{{- define "traffic-color.labels" -}}
+{{ include "traffic-color.commonLabels" . }}
+app.kubernetes.io/component: webhook
+{{- end -}}
+
+{{/* DNS names the serving certificate must cover. */}}
+{{- define "traffic-color.dnsNames" -}}
+{{- $svc := include "traffic-color.webhookName" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.injection.clusterDomain) | toJson -}}
+{{- end -}}
+
+{{/* The injection settings the webhook reads (--config); keys match InjectConfig. */}}
+{{- define "traffic-color.injectConfig" -}}
+{{- $inj := .Values.injection -}}
+{{- dict
+  "image" (include "traffic-color.image" .)
+  "imagePullPolicy" .Values.image.pullPolicy
+  "defaultColor" $inj.defaultColor
+  "policyConfigMap" $inj.policyConfigMap
+  "nativeSidecar" $inj.nativeSidecar
+  "proxyEnv" $inj.proxyEnv.enabled
+  "clusterDomain" $inj.clusterDomain
+  "bypassClusterDomain" $inj.proxyEnv.bypassClusterDomain
+  "noProxyExtra" $inj.proxyEnv.noProxyExtra
+  "resources" $inj.resources
+  | toPrettyJson -}}
+{{- end -}}

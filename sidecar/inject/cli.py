@@ -1,0 +1,101 @@
+"""``traffic-color inject -f FILE|-``: print manifests with the sidecar added.
+
+Reads one or more YAML (or JSON) documents, injects every pod template it finds
+and writes YAML to stdout, one note per workload to stderr. The same settings
+file that the chart mounts into the webhook can be passed with ``--config``, so
+injecting by hand gives what the cluster would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from sidecar.inject.mutation import InjectConfig, inject_object
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``inject`` and ``webhook`` that shape the injected container."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="injection settings (YAML, camelCase keys; the chart's inject-config ConfigMap)",
+    )
+    parser.add_argument("--image", help="sidecar image (default: traffic-color:VERSION)")
+    parser.add_argument(
+        "--color",
+        dest="default_color",
+        help="color for pods without a traffic-color.io/color label",
+    )
+    parser.add_argument(
+        "--policy-configmap", dest="policy_config_map", help="ConfigMap holding policy.yaml"
+    )
+    parser.add_argument(
+        "--native-sidecar",
+        action="store_true",
+        default=None,
+        help="inject an init container with restartPolicy: Always (Kubernetes >= 1.29)",
+    )
+    parser.add_argument(
+        "--no-proxy-env",
+        dest="proxy_env",
+        action="store_false",
+        default=None,
+        help="do not set HTTP_PROXY/NO_PROXY in app containers",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> InjectConfig:
+    """Settings file first, then flags on top; missing attributes mean 'not given'."""
+    data: dict[str, Any] = {}
+    path = getattr(args, "config", None)
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{path}: expected a mapping of injection settings")
+        data.update(loaded)
+    config = InjectConfig.from_mapping(data)
+    overrides = {}
+    for name in ("image", "default_color", "policy_config_map", "native_sidecar", "proxy_env"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return dataclasses.replace(config, **overrides)
+
+
+def inject_stream(text: str, config: InjectConfig, out: TextIO, err: TextIO) -> int:
+    """Inject every document in ``text``; write YAML to ``out``. Returns how many were pods."""
+    docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    results = []
+    count = 0
+    for doc in docs:
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"expected Kubernetes objects, got a {type(doc).__name__}")
+        new, notes = inject_object(doc, config)
+        results.append(new)
+        count += len(notes)
+        for note in notes:
+            print(f"traffic-color inject: {note}", file=err)
+    yaml.safe_dump_all(
+        results, out, sort_keys=False, default_flow_style=False, explicit_start=len(results) > 1
+    )
+    return count
+
+
+def run_inject(args: argparse.Namespace) -> int:
+    """Entry point of ``traffic-color inject``; 0 on success, 2 on bad input."""
+    source = getattr(args, "file", "-") or "-"
+    try:
+        config = config_from_args(args)
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        inject_stream(text, config, sys.stdout, sys.stderr)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"traffic-color inject: {source}: {exc}", file=sys.stderr)
+        return 2
+    return 0

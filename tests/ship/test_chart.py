@@ -1,0 +1,342 @@
+"""The Helm chart, checked offline: lint, render, schemas, and what the objects say.
+
+Three renders: the default values, every optional feature on
+(``ci/all-features-values.yaml``) and cert-manager with an existing ClusterIssuer
+(``ci/cluster-issuer-values.yaml``). Built-in kinds are validated by
+``kubernetes-validate --strict`` for Kubernetes 1.29 and 1.33 with no warning
+allowed; cert-manager and prometheus-operator objects by ``crd_schemas``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from sidecar.inject.mutation import InjectConfig, inject_pod
+from sidecar.policy import parse_policy
+from tests.inject.k8s import KUBERNETES_VERSIONS, schema_errors
+from tests.ship.crd_schemas import SCHEMAS
+from tests.ship.tools import REPO, module, tool
+
+CHART = REPO / "charts" / "traffic-color"
+NAMESPACE = "tc-system"
+SCENARIOS = {
+    "default": [],
+    "all-features": [CHART / "ci" / "all-features-values.yaml"],
+    "cluster-issuer": [CHART / "ci" / "cluster-issuer-values.yaml"],
+}
+
+
+def _helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool("helm"), *args], capture_output=True, text=True, timeout=120, check=check
+    )
+
+
+@cache
+def _render_text(scenario: str) -> str:
+    values = [a for f in SCENARIOS[scenario] for a in ("-f", str(f))]
+    return _helm("template", "tc", str(CHART), "--namespace", NAMESPACE, *values).stdout
+
+
+def render(scenario: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(_render_text(scenario)) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = find(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+# --------------------------------------------------------------- lint, schemas
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_strict(scenario: str) -> None:
+    values = [a for f in SCENARIOS[scenario] for a in ("-f", str(f))]
+    result = _helm("lint", "--strict", str(CHART), *values, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_objects_validate_strictly(scenario: str, version: str, tmp_path: Path) -> None:
+    docs = render(scenario)
+    core = [d for d in docs if (d["apiVersion"], d["kind"]) not in SCHEMAS]
+    custom = [d for d in docs if (d["apiVersion"], d["kind"]) in SCHEMAS]
+    path = tmp_path / "core.yaml"
+    path.write_text(yaml.safe_dump_all(core))
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 0, "\n".join(lines)
+    problems = [line for line in lines if not line.startswith("INFO ")]
+    assert problems == []
+    assert len([line for line in lines if " passed for resource " in line]) == len(core)
+    jsonschema = module("jsonschema")
+    for doc in custom:
+        jsonschema.validate(doc, SCHEMAS[(doc["apiVersion"], doc["kind"])])
+
+
+def test_custom_resources_appear_only_when_enabled() -> None:
+    kinds = {d["kind"] for d in render("default")}
+    assert kinds == {
+        "ServiceAccount",
+        "Secret",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "MutatingWebhookConfiguration",
+    }
+    kinds = {d["kind"] for d in render("all-features")}
+    assert {"Certificate", "Issuer", "ServiceMonitor", "PodMonitor"} <= kinds
+    assert "Secret" not in kinds  # cert-manager writes it
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Helm's values merge: mappings merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
+def test_values_match_their_schema(tmp_path: Path) -> None:
+    """values.yaml as shipped, and merged with each ci/ file as helm would merge them."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    files = [CHART / "values.yaml"]
+    for extra in sorted((CHART / "ci").glob("*.yaml")):
+        merged = tmp_path / extra.name
+        merged.write_text(yaml.safe_dump(_merge(defaults, yaml.safe_load(extra.read_text()))))
+        files.append(merged)
+    result = subprocess.run(
+        [
+            tool("check-jsonschema"),
+            "--schemafile",
+            str(CHART / "values.schema.json"),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, complaint",
+    [
+        ("webhook.failurePolicy=Sometimes", "webhook.failurePolicy"),
+        ("injection.defaultColor=Blue!", "injection.defaultColor"),
+        ("webhook.tmeoutSeconds=3", "tmeoutSeconds"),
+        ("webhook.timeoutSeconds=31", "webhook.timeoutSeconds"),
+    ],
+)
+def test_schema_rejects_bad_values(override: str, complaint: str) -> None:
+    result = _helm("template", "tc", str(CHART), "--set", override, check=False)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def _leaf_paths(value: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of values.yaml's leaves; a ``resources`` block counts as one value."""
+    if isinstance(value, dict) and value and not prefix.endswith("resources."):
+        return [p for k, v in value.items() for p in _leaf_paths(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")]
+
+
+def test_readme_documents_every_value() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text().split("\n## Values\n", 1)[1]
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.M))
+    missing = [p for p in _leaf_paths(values) if p not in documented]
+    assert missing == []
+    stale = [p for p in documented if p not in _leaf_paths(values)]
+    assert stale == []
+
+
+# --------------------------------------------------------------- the objects
+
+
+def _load_cert(b64: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(base64.b64decode(b64))
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    key = ca.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(
+                cert.signature,
+                cert.tbs_certificate_bytes,
+                padding.PKCS1v15(),
+                cert.signature_hash_algorithm,
+            )
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(
+                cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+            )
+        else:
+            return False
+    except Exception:
+        return False
+    return cert.issuer == ca.subject
+
+
+def test_generated_certificate_is_trusted_by_the_webhook_configuration() -> None:
+    docs = render("default")
+    secret = one(docs, "Secret")
+    mwc = one(docs, "MutatingWebhookConfiguration")
+    service = one(docs, "Service")
+    ca_bundle = mwc["webhooks"][0]["clientConfig"]["caBundle"]
+    assert ca_bundle == secret["data"]["ca.crt"]
+    ca, cert = _load_cert(ca_bundle), _load_cert(secret["data"]["tls.crt"])
+    assert _signed_by(cert, ca)
+    assert not _signed_by(cert, cert)  # a leaf, not a self-signed certificate
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    name = service["metadata"]["name"]
+    # The API server calls https://NAME.NAMESPACE.svc:443/mutate.
+    assert f"{name}.{NAMESPACE}.svc" in sans.get_values_for_type(x509.DNSName)
+
+
+def test_cert_manager_issues_the_secret_and_injects_the_ca() -> None:
+    for scenario in ("all-features", "cluster-issuer"):
+        docs = render(scenario)
+        certificate = one(docs, "Certificate")
+        mwc = one(docs, "MutatingWebhookConfiguration")
+        deployment = one(docs, "Deployment")
+        meta = certificate["metadata"]
+        assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == (
+            f"{meta['namespace']}/{meta['name']}"
+        )
+        assert "caBundle" not in mwc["webhooks"][0]["clientConfig"]
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == certificate["spec"]["secretName"]
+        service = one(docs, "Service")["metadata"]["name"]
+        assert f"{service}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    issuer_ref = one(render("cluster-issuer"), "Certificate")["spec"]["issuerRef"]
+    assert issuer_ref == {
+        "name": "internal-ca",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+    assert find(render("cluster-issuer"), "Issuer") == []
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_webhook_wiring(scenario: str) -> None:
+    docs = render(scenario)
+    mwc = one(docs, "MutatingWebhookConfiguration")
+    service = one(docs, "Service")
+    deployment = one(docs, "Deployment")
+    hook = mwc["webhooks"][0]
+    assert hook["clientConfig"]["service"] == {
+        "name": service["metadata"]["name"],
+        "namespace": NAMESPACE,
+        "path": "/mutate",
+        "port": service["spec"]["ports"][0]["port"],
+    }
+    assert hook["namespaceSelector"] == {"matchLabels": {"traffic-color.io/inject": "enabled"}}
+    assert hook["rules"][0]["resources"] == ["pods"]
+    assert hook["rules"][0]["operations"] == ["CREATE"]
+    assert hook["failurePolicy"] == ("Fail" if scenario == "all-features" else "Ignore")
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    port_names = {p["name"] for p in container["ports"]}
+    assert service["spec"]["ports"][0]["targetPort"] in port_names
+    args = container["args"]
+    assert args[0] == "webhook"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert f"--tls-cert={mounts['tls']}/tls.crt" in args
+    assert f"--tls-key={mounts['tls']}/tls.key" in args
+    assert f"--config={mounts['inject-config']}/inject.json" in args
+    # The injector is never injected, and runs with no privilege at all.
+    assert pod["metadata"]["annotations"]["traffic-color.io/inject"] == "false"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert find(docs, "Role") == find(docs, "ClusterRole") == []
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_inject_settings_drive_the_mutation(scenario: str) -> None:
+    docs = render(scenario)
+    cm = next(d for d in find(docs, "ConfigMap") if "inject.json" in d["data"])
+    config = InjectConfig.from_mapping(json.loads(cm["data"]["inject.json"]))
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert config.image == f"traffic-color:{chart['appVersion']}"
+    assert config.native_sidecar is (scenario == "all-features")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "app", "image": "a"}]},
+    }
+    new, reason = inject_pod(pod, config)
+    assert reason is None
+    assert schema_errors(new) == []
+
+
+def test_policy_configmaps_land_in_every_listed_namespace() -> None:
+    for scenario, namespaces in (
+        ("default", [NAMESPACE]),
+        ("all-features", [NAMESPACE, "demo", "shop"]),
+        ("cluster-issuer", []),
+    ):
+        cms = [d for d in find(render(scenario), "ConfigMap") if "policy.yaml" in d["data"]]
+        assert [c["metadata"]["namespace"] for c in cms] == namespaces
+        for cm in cms:
+            assert cm["metadata"]["name"] == "traffic-color-policy"
+            policy = parse_policy(cm["data"]["policy.yaml"], "chart policy")
+            assert set(policy.colors) == {"stable", "canary"}
+
+
+def test_notes_tell_how_to_label_a_namespace_and_check_injection(tmp_path: Path) -> None:
+    """helm template skips NOTES.txt, so render a copy of it as an ordinary template."""
+    import shutil
+
+    chart = tmp_path / "traffic-color"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "NOTES.txt").rename(chart / "notes.txt")
+    (chart / "templates" / "notes-as-configmap.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n"
+        '{{ tpl (.Files.Get "notes.txt") . | indent 4 }}\n'
+    )
+    rendered = _helm(
+        "template",
+        "tc",
+        str(chart),
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "policy.namespaces={shop}",
+        "--show-only",
+        "templates/notes-as-configmap.yaml",
+    ).stdout
+    notes = yaml.safe_load(rendered)["data"]["notes"]
+    webhook = one(render("default"), "Deployment")["metadata"]["name"]
+    assert "kubectl label namespace NAMESPACE traffic-color.io/inject=enabled" in notes
+    assert "traffic-color\\.io/status" in notes  # escaped for custom-columns
+    assert f"logs deploy/{webhook}" in notes
+    assert f"{NAMESPACE}, shop" in notes
+    assert "targetPort: tc-inbound" in notes
