@@ -1,0 +1,747 @@
+"""The downstream side: an asyncio Protocol per client connection, parsed by httptools.
+
+Shaped like uvicorn's ``httptools_impl``: the parser callbacks only collect the
+request's state into a ``Request``; ``_start`` makes the decisions (target,
+color, forwarded head) once the head is complete and hands the request to an
+upstream connection, and ``response_done`` (called by that connection) moves
+the pipeline on. Bodies are never buffered whole: they go straight to the
+upstream, or are held for the short time an upstream connection is being
+opened or a pipelined request waits its turn, with reading paused meanwhile.
+
+Errors in what the client sent are raised deep (``DownstreamProtocolError``
+with its status) and translated once, in ``data_received``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from collections import deque
+from typing import TYPE_CHECKING
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
+
+from sidecar.coloring import Colorer
+from sidecar.errors import DownstreamProtocolError
+from sidecar.proxy.exchange import (
+    CONNECT_ESTABLISHED,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    MAX_HEADER_BYTES,
+    MAX_REQUEST_LINE,
+    chunk,
+    connection_tokens,
+    drop_headers,
+    error_response,
+    extra_hop_headers,
+    inbound_target,
+    is_chunked,
+    outbound_target,
+    parse_authority,
+)
+from sidecar.proxy.flow import PEER_FULL, QUEUED, WAITING, FlowControl
+from sidecar.proxy.tunnel import Tunnel
+from sidecar.proxy.upstream import Key, Pool, UpstreamConnection
+
+if TYPE_CHECKING:
+    from sidecar.policy import Timeouts
+    from sidecar.proxy.server import ProxyContext
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("sidecar.access")
+_DEBUG = logging.DEBUG
+
+_EMPTY: dict[bytes, list[bytes]] = {}
+# Bytes of a request head that may sit unparsed across reads before it is refused.
+_MAX_PENDING_HEAD = MAX_REQUEST_LINE + MAX_HEADER_BYTES
+_AUTHORITY_CACHE = 4096  # distinct Host values remembered before the cache starts over
+
+# What a downstream connection is waiting for, for the sweeper's timeouts.
+_HEAD, _IDLE, _BODY, _BUSY, _TUNNEL = range(5)
+
+
+class _Stop(Exception):
+    """Raised from a callback to stop parsing once the connection is being closed."""
+
+
+class Shared:
+    """What every downstream connection of one ``Proxy`` shares."""
+
+    def __init__(self, ctx: ProxyContext, loop: asyncio.AbstractEventLoop) -> None:
+        self.ctx = ctx
+        self.loop = loop
+        self.pool = Pool(ctx, loop)
+        self.conns: set[Downstream] = set()
+        self.draining = False
+        self.own: set[tuple[str, int]] = set()  # our listening addresses: loop detection
+        self.authorities: dict[bytes, tuple[str, int]] = {}  # Host value -> (host, port)
+
+    def authority(self, value: bytes) -> tuple[str, int]:
+        """Parse a Host header value and remember it: apps talk to few upstreams."""
+        hostport = parse_authority(value.strip(), 80)
+        if len(self.authorities) >= _AUTHORITY_CACHE:
+            self.authorities.clear()
+        self.authorities[value] = hostport
+        return hostport
+
+
+class Request:
+    """One request's state, from its first byte to its response's last byte."""
+
+    __slots__ = (
+        "body_seen",
+        "captured",
+        "chunked",
+        "code",
+        "color",
+        "colors",
+        "complete",
+        "conn",
+        "connect",
+        "extra",
+        "head",
+        "headers_done",
+        "host",
+        "host_at",
+        "hsize",
+        "http11",
+        "keep_alive",
+        "method",
+        "pending",
+        "pieces",
+        "retried",
+        "t0",
+        "target",
+        "upgrade",
+        "upgrade_value",
+        "url",
+    )
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        # collected by the callbacks
+        self.url = b""
+        self.pieces: list[bytes] = [b""]  # slot 0: the request line, then name, ": ", value, CRLF
+        self.hsize = 0
+        self.host: bytes | None = None
+        self.host_at = -1
+        self.colors: list[bytes] | None = None
+        self.captured: dict[bytes, list[bytes]] | None = None
+        self.upgrade_value = b""
+        self.extra: frozenset[bytes] | None = None
+        self.method = b""
+        self.http11 = True
+        self.keep_alive = True
+        self.chunked = False
+        self.upgrade = False
+        self.connect = False
+        self.headers_done = False
+        self.complete = False
+        self.body_seen = False
+        self.pending: list[bytes] | None = None  # body bytes (already framed) not yet sent
+        # decided by _start and the upstream
+        self.head = b""
+        self.color = ""
+        self.target: Key | None = None
+        self.conn: UpstreamConnection | None = None
+        self.code = 0
+        self.retried = False
+
+
+class Downstream(asyncio.Protocol):
+    """One client connection on the outbound or the inbound side."""
+
+    __slots__ = (
+        "begun",
+        "capture",
+        "closed",
+        "closing",
+        "color_ends",
+        "colorer",
+        "ctx",
+        "cur",
+        "direction",
+        "early",
+        "eof",
+        "error_after",
+        "fed",
+        "flow",
+        "loop",
+        "outbound",
+        "parser",
+        "peer",
+        "phase",
+        "queue",
+        "rx",
+        "served",
+        "shared",
+        "since",
+        "special",
+        "transport",
+        "trusted",
+        "tunnel",
+        "up",
+        "write_paused",
+    )
+
+    def __init__(self, shared: Shared, direction: str) -> None:
+        # global
+        self.shared = shared
+        self.ctx = shared.ctx
+        self.loop = shared.loop
+        self.direction = direction
+        self.outbound = direction == "outbound"
+        # per connection
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl = None  # type: ignore[assignment]
+        self.parser = HttpRequestParser(self)
+        self.peer = ""
+        self.trusted = False
+        self.closed = False  # connection_lost ran
+        self.closing = False  # we decided to close; parse nothing more
+        self.eof = False  # the client half-closed; close after the answers
+        self.write_paused = False
+        self.up: UpstreamConnection | None = None  # linked for backpressure
+        self.tunnel: Tunnel | None = None
+        self.early: list[bytes] | None = None  # client bytes after an upgrade request
+        self.error_after: tuple[int, str] | None = None  # refusal waiting behind earlier answers
+        # colorer-derived, refreshed when the lead swaps the colorer
+        self.colorer: Colorer | None = None
+        self.special: frozenset[bytes] = frozenset()
+        self.capture: frozenset[bytes] = frozenset()
+        self.color_ends: dict[str, bytes] = {}
+        # per request
+        self.queue: deque[Request] = deque()  # answered in order; [0] is being answered
+        self.cur: Request | None = None  # being parsed
+        self.fed = 0
+        self.begun = False
+        # timeouts (see sweep)
+        self.rx = False
+        self.served = False
+        self.phase: int | None = None
+        self.since = 0.0
+
+    # ------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        if not self.outbound:
+            self.trusted = self.ctx.colorer.peer_trusted(self.peer)
+        self.shared.conns.add(self)
+        if self.shared.draining:
+            self._close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.closing = True
+        self.shared.conns.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+            return
+        if self.queue:
+            ex = self.queue[0]
+            if not ex.code and ex.color:
+                ex.code = 499  # nginx's "client closed request"
+                self._count(ex)
+        up = self.up
+        if up is not None:
+            up.abandon()
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            return self.tunnel.client_eof()
+        if self.queue:
+            self.eof = True  # a half-closing client still gets its answers
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.up is not None:
+            self.up.flow.pause(PEER_FULL)  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.up is not None:
+            self.up.flow.resume(PEER_FULL)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        self.rx = True
+        if self.early is not None:
+            self.early.append(data)
+            return
+        if self.closing or self.error_after is not None:
+            return
+        self.begun = False
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._upgrade_requested(data[exc.args[0] :])
+            return
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, DownstreamProtocolError):
+                self._reject(cause.status_hint, str(cause))
+            elif not isinstance(cause, _Stop):
+                log.error("proxy bug while parsing a request", exc_info=cause)
+                self._reject(500, "internal error in the proxy")
+            return
+        except HttpParserError as exc:
+            self._reject(400, f"malformed request: {exc}")
+            return
+        cur = self.cur
+        # A head arriving over several reads: httptools keeps the unfinished header
+        # itself, so bound what may pile up before the callbacks can count it.
+        if cur is not None and not cur.headers_done and not self.begun:
+            self.fed += len(data)
+            if self.fed > _MAX_PENDING_HEAD:
+                self._reject(431, "request head larger than 64 KiB")
+
+    # ------------------------------------------------------------ httptools callbacks
+
+    def _begin(self) -> Request:
+        """A request starts (at its first URL bytes: httptools has no cheaper first callback)."""
+        if self.closing or self.error_after is not None:
+            raise _Stop
+        colorer = self.ctx.colorer
+        if colorer is not self.colorer:
+            self._adopt(colorer)
+        ex = self.cur = Request(self.loop.time())
+        self.queue.append(ex)
+        self.begun = True
+        self.fed = 0
+        self.phase = None
+        return ex
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.cur
+        if ex is None:
+            ex = self._begin()
+        elif ex.url:
+            url = ex.url + url
+        if len(url) > MAX_REQUEST_LINE:
+            raise DownstreamProtocolError("request target longer than 8 KiB", 414)
+        ex.url = url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex: Request = self.cur  # type: ignore[assignment]
+        if ex.headers_done:
+            return  # a trailer; chunked bodies go upstream without trailers
+        size = ex.hsize + len(name) + len(value) + 4
+        if size > MAX_HEADER_BYTES:
+            raise DownstreamProtocolError("request headers larger than 64 KiB", 431)
+        ex.hsize = size
+        lname = name.lower()
+        if lname in self.special:
+            self._special_header(ex, lname, name, value)
+        else:
+            ex.pieces.extend((name, b": ", value, b"\r\n"))
+
+    def _special_header(self, ex: Request, lname: bytes, name: bytes, value: bytes) -> None:
+        """Headers the proxy reads, drops or replaces; the rest pass in order untouched."""
+        if lname in self.capture:
+            if ex.captured is None:
+                ex.captured = {}
+            ex.captured.setdefault(lname, []).append(value)
+        if lname == self.colorer.header:  # type: ignore[union-attr]
+            if ex.colors is None:
+                ex.colors = [value]
+            else:
+                ex.colors.append(value)
+            return
+        if lname in HOP_BY_HOP:
+            if lname == b"connection":
+                extra = extra_hop_headers(connection_tokens(value))
+                if extra:
+                    ex.extra = extra if ex.extra is None else ex.extra | extra
+            elif lname == b"upgrade":
+                ex.upgrade_value = value
+            return
+        if lname == b"host":
+            if ex.host is not None:
+                raise DownstreamProtocolError("more than one Host header")
+            ex.host = value
+            ex.host_at = len(ex.pieces) + 2
+        elif lname == b"transfer-encoding":
+            ex.chunked = is_chunked(value)
+        ex.pieces.extend((name, b": ", value, b"\r\n"))
+
+    def on_headers_complete(self) -> None:
+        ex: Request = self.cur  # type: ignore[assignment]
+        ex.headers_done = True
+        parser = self.parser
+        ex.method = method = parser.get_method()
+        ex.http11 = parser.get_http_version() == "1.1"
+        ex.keep_alive = parser.should_keep_alive()
+        if method == b"CONNECT":
+            ex.connect = True
+        elif parser.should_upgrade():
+            ex.upgrade = True
+        if ex.extra:
+            self._drop_declared(ex)
+        if self.queue[0] is ex:
+            self._start(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex: Request = self.cur  # type: ignore[assignment]
+        ex.body_seen = True
+        conn = ex.conn
+        if conn is not None:
+            conn.transport.write(b"".join(chunk(body)) if ex.chunked else body)  # type: ignore[union-attr]
+            return
+        if ex.pending is None:
+            ex.pending = []
+        if ex.chunked:
+            ex.pending.extend(chunk(body))
+        else:
+            ex.pending.append(body)
+        self.flow.pause(WAITING)
+
+    def on_message_complete(self) -> None:
+        ex: Request = self.cur  # type: ignore[assignment]
+        self.cur = None
+        ex.complete = True
+        if ex.chunked:
+            conn = ex.conn
+            if conn is not None:
+                conn.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+            elif ex.pending is None:
+                ex.pending = [LAST_CHUNK]
+            else:
+                ex.pending.append(LAST_CHUNK)
+        if len(self.queue) > 1:
+            self.flow.pause(QUEUED)  # pipelined: read on once the ones ahead are answered
+
+    # ------------------------------------------------------------ decisions
+
+    def _adopt(self, colorer: Colorer) -> None:
+        """Derive the per-colorer lookups once per colorer (the lead swaps it on reload)."""
+        self.colorer = colorer
+        self.capture = frozenset() if self.outbound else colorer.inbound_capture
+        self.special = HOP_BY_HOP | self.capture | {colorer.header, b"host", b"transfer-encoding"}
+        self.color_ends = {}
+
+    def _color_end(self, color: str) -> bytes:
+        """The color header line plus the end of the head, cached per color."""
+        line = self.color_ends.get(color)
+        if line is None:
+            header = self.colorer.header  # type: ignore[union-attr]
+            line = self.color_ends[color] = b"%s: %s\r\n\r\n" % (header, color.encode("ascii"))
+        return line
+
+    def _drop_declared(self, ex: Request) -> None:
+        """Rare: the Connection header named more hop-by-hop headers; remove them."""
+        ex.pieces = drop_headers(ex.pieces, ex.extra)  # type: ignore[arg-type]
+        if b"host" in ex.extra:  # type: ignore[operator]
+            ex.host, ex.host_at = None, -1
+        ex.host_at = -1
+        for i in range(1, len(ex.pieces) - 3, 4):
+            if ex.pieces[i].lower() == b"host":
+                ex.host_at = i + 2
+
+    def _start(self, ex: Request) -> None:
+        """The head is complete and it is this request's turn: choose upstream and color."""
+        colorer: Colorer = self.colorer  # type: ignore[assignment]
+        try:
+            if self.outbound:
+                url = ex.url
+                if url[:1] == b"/" and ex.host is not None:
+                    # origin-form, the common case: the Host header names the upstream
+                    hostport = self.shared.authorities.get(ex.host)
+                    if hostport is None:
+                        hostport = self.shared.authority(ex.host)
+                    host, port = hostport
+                    target, new_host = url, None
+                elif ex.connect:
+                    self._open_connect(ex)
+                    return
+                else:
+                    host, port, target, new_host = outbound_target(ex.method, url, ex.host)
+                if (host, port) in self.shared.own:
+                    raise DownstreamProtocolError("request addressed to the proxy itself", 508)
+                color, reason = colorer.outbound(ex.colors or ())
+            else:
+                if ex.connect:
+                    raise DownstreamProtocolError("CONNECT is not served on the inbound side", 405)
+                app = self.ctx.app
+                host, port = app.host, app.port
+                target, new_host = inbound_target(ex.url)
+                color, reason = colorer.inbound(
+                    ex.colors or (), ex.captured or _EMPTY, self.trusted
+                )
+        except DownstreamProtocolError as exc:
+            ex.color = colorer.pod_color
+            self._fail(ex, exc.status_hint, str(exc))
+            return
+        if reason is not None:
+            self.ctx.metrics.rewrite(self.direction, reason)
+        ex.color = color
+        pieces = ex.pieces
+        if new_host is not None:
+            if ex.host_at >= 0:
+                pieces[ex.host_at] = new_host
+            else:
+                pieces.extend((b"host: ", new_host, b"\r\n"))
+        elif ex.host is None:  # HTTP/1.0 without Host; HTTP/1.1 upstreams require one
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            pieces.extend((b"host: ", authority.encode("idna"), b"\r\n"))
+        pieces[0] = b"%s %s HTTP/1.1\r\n" % (ex.method, target)
+        if ex.upgrade:
+            pieces.extend((b"upgrade: ", ex.upgrade_value, b"\r\nconnection: upgrade\r\n"))
+        pieces.append(self._color_end(color))
+        ex.head = b"".join(pieces)
+        ex.pieces = []
+        key = ex.target = (color, host, port)
+        conn = self.shared.pool.take(key)
+        if conn is not None:
+            conn.attach(ex, self)
+        else:
+            self._connect(ex, key)
+
+    def _open_connect(self, ex: Request) -> None:
+        """CONNECT host:port: a tunnel whose flow carries the pod's color."""
+        host, port = parse_authority(ex.url, None)
+        color = ex.color = self.colorer.pod_color  # type: ignore[union-attr]
+        key = ex.target = (color, host, port)
+        self._connect(ex, key)
+
+    def _connect(self, ex: Request, key: Key) -> None:
+        task = self.loop.create_task(self.shared.pool.connect(key))
+        task.add_done_callback(functools.partial(self._connected, ex))
+
+    def _connected(self, ex: Request, task: asyncio.Task[UpstreamConnection]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if task.cancelled():
+            exc = TimeoutError()
+        if exc is None:
+            conn = task.result()
+            if self.closing or not self.queue or self.queue[0] is not ex:
+                self.shared.pool.release(conn)  # nobody waits for it any more
+            elif ex.connect:
+                self.transport.write(CONNECT_ESTABLISHED)  # type: ignore[union-attr]
+                ex.code = 200
+                self.start_tunnel(ex, conn, b"")
+            else:
+                conn.attach(ex, self)
+            return
+        if self.closing:
+            return
+        _, host, port = ex.target  # type: ignore[misc]
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if isinstance(exc, TimeoutError):
+            status = 504
+            text = f"upstream {where}: connect timed out after {self.ctx.timeouts.connect:g}s"
+        elif isinstance(exc, ConnectionRefusedError):
+            status, text = 502, f"upstream {where} refused the connection"
+        elif isinstance(exc, socket.gaierror):
+            status, text = 502, f"upstream {where}: cannot resolve {host}"
+        else:
+            status, text = 502, f"upstream {where}: cannot connect ({exc})"
+        self._fail(ex, status, text)
+
+    # ------------------------------------------------------------ called by the upstream side
+
+    def resumed_pending(self) -> None:
+        """The buffered body went out with the head: reading may go on."""
+        self.flow.resume(WAITING)
+
+    def response_done(self, ex: Request) -> None:
+        """``ex`` was answered in full: count it, then move the pipeline on or close."""
+        queue = self.queue
+        if queue and queue[0] is ex:
+            queue.popleft()
+        seconds = self.loop.time() - ex.t0
+        self.ctx.metrics.request(self.direction, ex.color, ex.code, seconds)
+        if access_log.isEnabledFor(_DEBUG):
+            self._log(ex, seconds)
+        self.served = True
+        self.phase = None
+        if self.closing:
+            return
+        if not ex.keep_alive or not ex.complete or self.shared.draining:
+            self._close()
+            return
+        if queue:
+            nxt = queue[0]
+            if nxt.headers_done:
+                self._start(nxt)
+        elif self.error_after is not None:
+            status, text = self.error_after
+            self.transport.write(error_response(status, text))  # type: ignore[union-attr]
+            self._close()
+            return
+        elif self.eof:
+            self._close()
+            return
+        if self.flow.mask & QUEUED and len(queue) <= 1:
+            self.flow.resume(QUEUED)
+
+    def upstream_failed(self, ex: Request, status: int, text: str) -> None:
+        self._fail(ex, status, text)
+
+    def response_broken(self, ex: Request) -> None:
+        """The upstream died mid-response: cut the client off rather than fake an ending."""
+        log.info("upstream %s:%d died mid-response; closing the client", *ex.target[1:])  # type: ignore[index]
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        self._count(ex)
+        self._close()
+
+    def retry(self, ex: Request) -> None:
+        """Send ``ex`` again on a new connection: the pooled one was already closed."""
+        log.debug("retrying %s on a new connection to %s:%d", ex.method, *ex.target[1:])  # type: ignore[index]
+        ex.retried = True
+        if not self.closing:
+            self._connect(ex, ex.target)  # type: ignore[arg-type]
+
+    def start_tunnel(self, ex: Request, conn: UpstreamConnection, rest: bytes) -> None:
+        """CONNECT established or 101 sent: from now on both sockets are a byte pipe."""
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        self._count(ex)
+        tunnel = self.tunnel = conn.tunnel = Tunnel(self, conn)
+        conn.ex = None
+        conn.down = self
+        self.up = conn
+        if conn.write_paused:
+            self.flow.pause(PEER_FULL)
+        if self.write_paused:
+            conn.flow.pause(PEER_FULL)  # type: ignore[union-attr]
+        if rest:
+            self.transport.write(rest)  # type: ignore[union-attr]
+        early = self.early
+        self.early = None
+        if early:
+            tunnel.from_client(b"".join(early))
+        self.flow.resume(WAITING | QUEUED)
+        self.phase = None
+
+    # ------------------------------------------------------------ errors and endings
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        """httptools stopped after an Upgrade or CONNECT head: hold the client's bytes."""
+        if self.closing:
+            return
+        self.early = [rest] if rest else []
+        self.flow.pause(WAITING)
+
+    def _fail(self, ex: Request, status: int, text: str) -> None:
+        """Answer ``ex`` with the proxy's own error, or cut the connection if too late."""
+        up = ex.conn
+        if up is not None:
+            up.abandon()
+        if ex.code:
+            self.response_broken(ex)
+            return
+        ex.code = status
+        keep = status in (502, 504) and ex.keep_alive and ex.complete and not self.shared.draining
+        ex.keep_alive = keep
+        if not self.closed:
+            self.transport.write(error_response(status, text, keep))  # type: ignore[union-attr]
+        self.early = None
+        self.response_done(ex)
+
+    def _reject(self, status: int, text: str) -> None:
+        """The client sent something unparseable or too big: 4xx and close after it."""
+        ex = self.cur
+        self.cur = None
+        queue = self.queue
+        if not queue or queue[0] is ex:
+            if ex is None:
+                ex = Request(self.loop.time())
+            ex.keep_alive = False
+            ex.color = ex.color or self.ctx.colorer.pod_color
+            self._fail(ex, status, text)
+            self._close()
+            return
+        # Requests ahead of it are still being answered: refuse it after them.
+        if ex is None:
+            ex = Request(self.loop.time())  # it broke before its URL
+        elif ex in queue:
+            queue.remove(ex)
+        self.error_after = (status, text)  # and parse nothing more
+        self.flow.pause(QUEUED)
+        ex.code = status
+        ex.color = ex.color or self.ctx.colorer.pod_color
+        self._count(ex)
+
+    def _count(self, ex: Request) -> None:
+        seconds = self.loop.time() - ex.t0
+        self.ctx.metrics.request(self.direction, ex.color, ex.code, seconds)
+        if access_log.isEnabledFor(_DEBUG):
+            self._log(ex, seconds)
+
+    def _log(self, ex: Request, seconds: float) -> None:
+        access_log.debug(
+            "%s %s %s %s %s color=%s -> %d %.1fms",
+            self.direction,
+            self.peer,
+            ex.method.decode("latin-1"),
+            ex.url[:200].decode("latin-1"),
+            f"{ex.target[1]}:{ex.target[2]}" if ex.target else "-",
+            ex.color,
+            ex.code,
+            seconds * 1e3,
+        )
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # ------------------------------------------------------------ upkeep
+
+    def sweep(self, now: float, timeouts: Timeouts) -> None:
+        """Called by the proxy's sweeper: header-read and idle timeouts, no timer per request.
+
+        ``phase`` is what the connection waits for; it is reset by the hot path when
+        a request starts or ends, and the sweeper stamps ``since`` when it sees a
+        new phase. Activity (``rx``) restarts the clock only while a body or tunnel
+        flows, so a slow drip of header bytes cannot keep a connection alive.
+        """
+        if self.closing:
+            return
+        rx = self.rx
+        self.rx = False
+        cur = self.cur
+        queue = self.queue
+        if self.tunnel is not None:
+            phase = _TUNNEL
+        elif cur is not None and (not queue or queue[0] is cur):
+            phase = _BODY if cur.headers_done else _HEAD
+        elif queue:
+            phase = _BUSY
+        else:
+            phase = _IDLE if self.served else _HEAD
+        if phase != self.phase or (rx and phase in (_BODY, _TUNNEL)):
+            self.phase = phase
+            self.since = now
+            return
+        if phase == _BUSY:
+            return
+        limit = timeouts.header_read if phase == _HEAD else timeouts.idle
+        if now - self.since <= limit:
+            return
+        if phase == _HEAD and cur is not None:
+            log.debug("closing %s: request head not complete within %gs", self.peer, limit)
+            self._reject(408, f"request head not received within {limit:g}s")
+        elif phase == _BODY and cur is not None:
+            log.debug("closing %s: request body stalled for %gs", self.peer, limit)
+            self._fail(cur, 408, f"request body stalled for {limit:g}s")
+            self._close()
+        else:
+            if self.tunnel is not None:
+                self.tunnel.close()
+            self._close()

@@ -1,0 +1,151 @@
+"""The ``Proxy`` facade: two listening sides, the shared pool, timeouts and graceful drain.
+
+The lead's runtime builds a ``ProxyContext`` and swaps its ``colorer``,
+``timeouts`` and ``app`` on reload; the proxy reads them per request (and the
+sweeper per tick), so a reload needs no restart and no call into the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar.admin.metrics import ProxyMetrics
+from sidecar.coloring import Colorer
+from sidecar.policy import Address, Timeouts
+from sidecar.proxy.protocol import Downstream, Shared
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 1024
+
+
+class FlowHooks(Protocol):
+    """Where the kernel data path learns about upstream flows (one color each)."""
+
+    def flow_open(self, color: str, local: tuple[str, int], remote: tuple[str, int]) -> None: ...
+
+    def flow_close(self, color: str, local: tuple[str, int], remote: tuple[str, int]) -> None: ...
+
+
+@dataclass
+class ProxyContext:
+    colorer: Colorer  # swapped by the lead on reload; read per request
+    metrics: ProxyMetrics
+    timeouts: Timeouts  # swapped on reload too
+    app: Address  # the inbound side's upstream, swapped on reload
+    hooks: FlowHooks | None = None  # may be set after start; a raising hook is logged
+
+
+def sweep_interval(t: Timeouts) -> float:
+    """How often the sweeper looks: a quarter of the shortest timeout, within [5 ms, 1 s]."""
+    return min(1.0, max(0.005, min(t.header_read, t.idle, t.upstream_idle) / 4))
+
+
+class Proxy:
+    """The outbound (app -> world) and inbound (world -> app) HTTP sides of the sidecar."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self._shared: Shared | None = None
+        self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._addresses: dict[str, tuple[str, int]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, outbound: Address, inbound: Address) -> None:
+        """Listen on both sides (port 0 picks a free port; see ``addresses``)."""
+        loop = asyncio.get_running_loop()
+        shared = self._shared = Shared(self.ctx, loop)
+        for direction, where in (("outbound", outbound), ("inbound", inbound)):
+            server = await loop.create_server(
+                lambda d=direction: Downstream(shared, d),  # type: ignore[misc]
+                where.host,
+                where.port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
+            )
+            self._servers[direction] = server
+            sockname = server.sockets[0].getsockname()
+            self._addresses[direction] = (sockname[0], sockname[1])
+        out_port = self._addresses["outbound"][1]
+        for sock in self._servers["outbound"].sockets:
+            shared.own.add((sock.getsockname()[0], out_port))
+        if outbound.host in ("0.0.0.0", "::", ""):
+            shared.own.update({("127.0.0.1", out_port), ("localhost", out_port), ("::1", out_port)})
+        else:
+            shared.own.add((outbound.host, out_port))
+        self._sweeper = loop.create_task(self._sweep(), name="proxy-sweeper")
+        log.info(
+            "proxy listening: outbound=%s inbound=%s",
+            self._addresses["outbound"],
+            self._addresses["inbound"],
+        )
+
+    @property
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        return dict(self._addresses)
+
+    def open_flows(self) -> dict[str, int]:
+        """color -> upstream connections open now (pooled, busy and tunnels)."""
+        return self._shared.pool.counts() if self._shared is not None else {}
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish, then close everything.
+
+        Idle keep-alive connections close at once; busy ones answer their current
+        request with ``Connection: close``; whatever is left at the deadline is cut.
+        """
+        shared = self._shared
+        if shared is None:
+            return
+        shared.draining = True
+        for server in self._servers.values():
+            server.close()
+        shared.pool.close_idle()
+        for conn in list(shared.conns):
+            if not conn.queue and conn.tunnel is None:
+                conn._close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while shared.conns and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        left = len(shared.conns)
+        if left:
+            log.warning("drain deadline (%.1fs): closing %d busy connection(s)", timeout, left)
+        for conn in list(shared.conns):
+            if conn.tunnel is not None:
+                conn.tunnel.close()
+            if conn.transport is not None:
+                conn.transport.abort()
+        shared.pool.close_all()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        # Let connection_lost callbacks (flow_close hooks) run before returning.
+        for _ in range(50):
+            if not shared.pool.open and not shared.conns:
+                break
+            await asyncio.sleep(0.01)
+        for server in self._servers.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    async def _sweep(self) -> None:
+        shared = self._shared
+        assert shared is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            timeouts = self.ctx.timeouts
+            await asyncio.sleep(sweep_interval(timeouts))
+            now = loop.time()
+            try:
+                for conn in list(shared.conns):
+                    conn.sweep(now, timeouts)
+                shared.pool.sweep(now, timeouts.upstream_idle)
+            except Exception:
+                log.exception("proxy sweeper failed; continuing")
