@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--keep", action="store_true", help="leave the topology up until Enter is pressed"
     )
+    demo.add_argument(
+        "--loopback",
+        action="store_true",
+        help="header coloring only, on 127.0.0.1 (no root or kernel data path needed)",
+    )
 
     from sidecar.inject.cli import add_arguments as add_inject_arguments
 
