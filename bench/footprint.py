@@ -217,6 +217,12 @@ def report(res: dict) -> bool:
             res["rss_flows_mb"] <= RSS_BAR_MB,
         ),
         (
+            "RSS per open flow (with-flows minus warm-up)",
+            f"{(res['rss_flows_mb'] - res['rss_idle_mb']) * 1024 / max(1, res['flows']):.2f} KB",
+            "",
+            True,
+        ),
+        (
             "libbcc / LLVM mapped in the sidecar",
             str(res["llvm_mapped"]),
             "False",

@@ -32,6 +32,8 @@ def process_info(started_at: float, ready_at: float | None) -> dict:
         "uptime_seconds": round(time.time() - started_at, 3),
         "startup_seconds": round(ready_at - started_at, 3) if ready_at else None,
         "bcc_imported": "bcc" in sys.modules,
+        # Libraries the long-lived process must not hold (issue 5): they run in children.
+        "modules_of_note": {m: m in sys.modules for m in ("bcc", "pyroute2")},
         "llvm_mapped": libbcc,
     }
 

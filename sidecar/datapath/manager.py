@@ -7,6 +7,10 @@ everything of ours. The pieces it drives each do one job: ``build`` (compile
 in a child), ``maps`` (flow table, color table, counters), ``tc`` (filters),
 ``routing`` (rules and routes).
 
+Netlink (tc, rules, routes) runs in a child per lifecycle call
+(``ctl.NetlinkSession``), as the compile does (``build``): this long-lived
+process never imports pyroute2 nor bcc, and holds only map fds (issue 5).
+
 Threads. ``start``/``apply``/``close``/``route_debug`` block on netlink and
 may compile; call them from a worker thread (``asyncio.to_thread``). Called
 on a thread whose event loop runs, they still work (netlink moves to a helper
@@ -22,6 +26,7 @@ and replaced.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import threading
 from collections import Counter as Tally
@@ -30,8 +35,9 @@ from sidecar.admin.metrics import KernelSnapshot
 from sidecar.datapath import abi, routing
 from sidecar.datapath import netns as ns
 from sidecar.datapath.build import Classifier, build_classifier
+from sidecar.datapath.ctl import NetlinkSession, QdiscOwnership
 from sidecar.datapath.maps import ColorTable, Counters, FlowTable
-from sidecar.datapath.tc import Attachment, TcAttacher
+from sidecar.datapath.tc import Attachment
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint, Policy
 
@@ -67,7 +73,7 @@ class DatapathManager:
         self._writers: tuple[FlowTable, ...] = ()
         self._color_ids = {name: c.id for name, c in policy.colors.items()}
         self._open: dict[FlowId, str] = {}  # flows we registered -> color name
-        self._tc = TcAttacher()
+        self._qdisc: QdiscOwnership = {}  # which clsact qdiscs are ours (tc.TcAttacher)
         self._attachments: dict[AttachPoint, Attachment] = {}
         self._routing_netns: str | None = None
         self._rules: list[routing.RuleSpec] = []
@@ -93,19 +99,21 @@ class DatapathManager:
                 return
             policy = self._policy
             dp = policy.datapath
-            try:
-                self._sweep(policy)
-                loaded = _Loaded(build_classifier(dp.flow_table_size))
-                with self._flow_lock:
-                    self._loaded = loaded
-                    self._writers = (loaded.flows,)
-                self._set_colors(loaded, policy)
-                self._apply_routing(policy)
-                for point in dp.attach:
-                    self._attach(point, loaded)
-            except BaseException:
-                self._close()  # undo what was done; a retry needs a new manager
-                raise
+            # The netlink child imports pyroute2 while the build child compiles.
+            with NetlinkSession(self._qdisc) as net:
+                try:
+                    loaded = _Loaded(build_classifier(dp.flow_table_size))
+                    with self._flow_lock:
+                        self._loaded = loaded
+                        self._writers = (loaded.flows,)
+                    self._sweep(net, policy)
+                    self._set_colors(loaded, policy)
+                    self._apply_routing(net, policy)
+                    for point in dp.attach:
+                        self._attach(net, point, loaded)
+                except BaseException:
+                    self._close(net)  # undo what was done; a retry needs a new manager
+                    raise
             log.info(
                 "data path started: %d attach point(s), %d rule(s), flow table %d",
                 len(self._attachments),
@@ -122,27 +130,28 @@ class DatapathManager:
             if self._closed or self._loaded is None:
                 raise DatapathError("apply", "the data path is not started")
             old = self._policy
-            # New rules and routes go in next to the old ones, the marks change, then the
-            # old rules go: a flow never carries a mark whose rule is missing.
-            try:
-                self._apply_routing(policy, prune=False)
-                if policy.datapath.flow_table_size != self._loaded.classifier.flow_table_size:
-                    self._swap_program(old, policy)
-                else:
-                    self._set_colors(self._loaded, policy)
-                    self._recolor_flows(old, policy)
-                    self._reattach(policy)
-            except BaseException:
-                self._roll_back(policy, old)
-                raise
-            self._policy = policy  # the kernel now follows it; pruning only tidies up
-            self._apply_routing(policy)
+            with NetlinkSession(self._qdisc) as net:
+                # New rules and routes go in next to the old ones, the marks change, then the
+                # old rules go: a flow never carries a mark whose rule is missing.
+                try:
+                    self._apply_routing(net, policy, prune=False)
+                    if policy.datapath.flow_table_size != self._loaded.classifier.flow_table_size:
+                        self._swap_program(net, old, policy)
+                    else:
+                        self._set_colors(self._loaded, policy)
+                        self._recolor_flows(old, policy)
+                        self._reattach(net, policy)
+                except BaseException:
+                    self._roll_back(net, policy, old)
+                    raise
+                self._policy = policy  # the kernel now follows it; pruning only tidies up
+                self._apply_routing(net, policy)
             log.info("data path: policy %s applied", policy.digest)
 
-    def _roll_back(self, failed: Policy, old: Policy) -> None:
+    def _roll_back(self, net: NetlinkSession, failed: Policy, old: Policy) -> None:
         """Best effort back to ``old`` after a failed apply: colors, flow ids, routing."""
         loaded = self._loaded
-        steps = [lambda: self._recolor_flows(failed, old), lambda: self._apply_routing(old)]
+        steps = [lambda: self._recolor_flows(failed, old), lambda: self._apply_routing(net, old)]
         if loaded is not None:
             steps.insert(0, lambda: self._set_colors(loaded, old))
         for undo in steps:
@@ -159,22 +168,19 @@ class DatapathManager:
         with self._ctl:
             self._close()
 
-    def _close(self) -> None:
+    def _close(self, net: NetlinkSession | None = None) -> None:
         if self._closed:
             return
         self._closed = True
-        for point, att in list(self._attachments.items()):
+        if net is None and (self._attachments or self._routing_spaces):
             try:
-                self._tc.detach(att)
-            except DatapathError as exc:
+                with NetlinkSession(self._qdisc) as own:
+                    self._remove_kernel_objects(own)
+            except DatapathError as exc:  # the helper could not start
                 log.warning("data path close: %s", exc)
-            self._attachments.pop(point, None)
-        for space in sorted(self._routing_spaces, key=lambda s: s or ""):
-            try:
-                with ns.ipr_in(space) as ipr:
-                    routing.remove_all(ipr, space)
-            except DatapathError as exc:
-                log.warning("data path close: %s", exc)
+        elif net is not None:
+            self._remove_kernel_objects(net)
+        self._attachments.clear()
         self._routing_spaces.clear()
         self._rules, self._routes = [], []
         with self._flow_lock:
@@ -183,6 +189,20 @@ class DatapathManager:
         if loaded is not None:
             loaded.classifier.close()
         log.info("data path closed: kernel objects removed")
+
+    def _remove_kernel_objects(self, net: NetlinkSession) -> None:
+        """Detach every filter, remove every rule and route of ours; log what fails."""
+        for point, att in list(self._attachments.items()):
+            try:
+                net.detach(att)
+            except DatapathError as exc:
+                log.warning("data path close: %s", exc)
+            self._attachments.pop(point, None)
+        for space in sorted(self._routing_spaces, key=lambda s: s or ""):
+            try:
+                net.remove_all(space)
+            except DatapathError as exc:
+                log.warning("data path close: %s", exc)
 
     # ------------------------------------------------------------ flow hooks
 
@@ -329,8 +349,9 @@ class DatapathManager:
                     "fwmask": policy.mark_mask,
                     "table": cr.table,
                 }
-            with ns.ipr_in(netns) as ipr:
-                kernel = routing.route_get(ipr, dst, c.mark)
+            ipaddress.ip_address(dst)
+            with NetlinkSession(self._qdisc) as net:
+                kernel = net.route_get(netns, dst, c.mark)
         except ValueError as exc:
             raise DatapathError("route-debug", f"{dst!r} is not an IP address") from exc
         expected = cr.table if cr is not None else routing.RT_TABLE_MAIN
@@ -356,11 +377,11 @@ class DatapathManager:
             for (cid, hook), value in loaded.counters.read().items()
         }
 
-    def _sweep(self, policy: Policy) -> None:
+    def _sweep(self, net: NetlinkSession, policy: Policy) -> None:
         """Remove our filters left anywhere in the namespaces this policy touches."""
         spaces = {p.netns for p in policy.datapath.attach}
         for netns in sorted(spaces, key=lambda s: s or ""):
-            removed = self._tc.sweep(netns)
+            removed = net.sweep(netns)
             if removed:
                 log.warning(
                     "removed %d leftover filter(s) of a previous run in %s",
@@ -377,35 +398,33 @@ class DatapathManager:
                 "colors", f"writing the color table: {exc}", getattr(exc, "errno", None)
             ) from exc
 
-    def _apply_routing(self, policy: Policy, prune: bool = True) -> None:
+    def _apply_routing(self, net: NetlinkSession, policy: Policy, prune: bool = True) -> None:
         """Install the policy's rules and routes; with ``prune``, remove every other of ours."""
         rnetns = policy.datapath.routing.netns
         rules = routing.desired_rules(policy)
         routes = routing.desired_routes(policy)
         self._routing_spaces.add(rnetns)
-        with ns.ipr_in(rnetns) as ipr:
-            routing.reconcile(ipr, rules, routes, rnetns, prune=prune)
+        net.reconcile(rnetns, rules, routes, prune=prune)
         if not prune:
             return
         for other in sorted(self._routing_spaces - {rnetns}, key=lambda s: s or ""):
-            with ns.ipr_in(other) as ipr:
-                routing.remove_all(ipr, other)
+            net.remove_all(other)
             self._routing_spaces.discard(other)
         self._routing_netns, self._rules, self._routes = rnetns, rules, routes
 
-    def _attach(self, point: AttachPoint, loaded: _Loaded) -> None:
+    def _attach(self, net: NetlinkSession, point: AttachPoint, loaded: _Loaded) -> None:
         fd = loaded.classifier.progs[point.direction]
-        self._attachments[point] = self._tc.attach(point, fd)
+        self._attachments[point] = net.attach(point, fd)
 
-    def _reattach(self, policy: Policy) -> None:
+    def _reattach(self, net: NetlinkSession, policy: Policy) -> None:
         """Attach new points, detach dropped ones; unchanged points are not touched."""
         assert self._loaded is not None
         wanted = list(policy.datapath.attach)
         for point in wanted:
             if point not in self._attachments:
-                self._attach(point, self._loaded)
+                self._attach(net, point, self._loaded)
         for point in [p for p in self._attachments if p not in wanted]:
-            self._tc.detach(self._attachments.pop(point))
+            net.detach(self._attachments.pop(point))
 
     def _recolor_flows(self, old: Policy, new: Policy) -> None:
         """Registered flows follow their color's new id; flows of removed colors are dropped."""
@@ -425,7 +444,7 @@ class DatapathManager:
                     self.flow_errors += 1
                     log.warning("re-coloring flow %s -> %s: %s", local, remote, exc)
 
-    def _swap_program(self, old: Policy, new: Policy) -> None:
+    def _swap_program(self, net: NetlinkSession, old: Policy, new: Policy) -> None:
         """Recompile for a new flow table size and swap filters without an unmarked window.
 
         The new program's maps are filled first (colors, then every open flow,
@@ -454,16 +473,16 @@ class DatapathManager:
             log.info("data path: new program loaded, %d open flow(s) copied", copied)
             wanted = list(new.datapath.attach)
             for point in wanted:
-                self._attach(point, nxt)  # adds at the free preference, then deletes ours
+                self._attach(net, point, nxt)  # adds at the free preference, then deletes ours
             for point in [p for p in self._attachments if p not in wanted]:
-                self._tc.detach(self._attachments.pop(point))
+                net.detach(self._attachments.pop(point))
         except BaseException:
             with self._flow_lock:
                 self._writers = (prev.flows,)
             # Filters already swapped keep the new program's fds alive; put the old one back.
             for point, att in list(self._attachments.items()):
                 with contextlib.suppress(DatapathError):
-                    self._attachments[point] = self._tc.attach(
+                    self._attachments[point] = net.attach(
                         point, prev.classifier.progs[att.direction]
                     )
             nxt.classifier.close()

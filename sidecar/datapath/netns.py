@@ -22,12 +22,12 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
-from typing import TypeVar
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, TypeVar
 
 from sidecar.errors import DatapathError
+
+if TYPE_CHECKING:  # pyroute2 is imported where netlink is used: the helper child (ctl.py)
+    from pyroute2 import IPRoute
 
 T = TypeVar("T")
 
@@ -63,6 +63,9 @@ def hint_for(code: int | None) -> str:
 
 def open_ipr(netns: str | None) -> IPRoute:
     """An ``IPRoute`` inside ``netns`` (None: our own namespace). Never creates one."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     if netns is not None and not os.path.exists(path(netns) or ""):
         raise DatapathError(
             "netns",
@@ -98,6 +101,8 @@ def ipr_in(netns: str | None) -> Iterator[IPRoute]:
 @contextlib.contextmanager
 def step(name: str, what: str) -> Iterator[None]:
     """Translate netlink/OS errors raised inside into ``DatapathError(name, ...)``."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         yield
     except DatapathError:

@@ -20,13 +20,14 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING
 
 from sidecar.datapath import netns as ns
 from sidecar.errors import DatapathError
 from sidecar.policy import Policy
+
+if TYPE_CHECKING:  # pyroute2 is imported by the netlink helper child only (ctl.py)
+    from pyroute2 import IPRoute
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,8 @@ def reconcile(
     With ``prune=False`` only the additions happen: a reload installs the new
     state next to the old, flips the color table, then prunes.
     """
+    from pyroute2.netlink.exceptions import NetlinkError
+
     where = ns.label(netns)
     changes = Changes()
     # Routes first: a rule must never point at a table that is still empty.
@@ -338,6 +341,8 @@ def _oif(ipr: IPRoute, r: RouteSpec, where: str) -> int | None:
 
 
 def _delete_rule(ipr: IPRoute, r: RuleSpec, where: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with ns.step("rules", f"delete rule {r.priority} in {where}"):
         try:
             _rule(ipr, "del", r)
@@ -355,6 +360,8 @@ def _delete_rule(ipr: IPRoute, r: RuleSpec, where: str) -> None:
 
 
 def _delete_route(ipr: IPRoute, r: RouteSpec, where: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with ns.step("routes", f"delete route {r.dst}/{r.dst_len} table {r.table} in {where}"):
         try:
             # Named by key and our protocol only: the kernel then deletes ours, never another's.

@@ -18,13 +18,14 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING
 
 from sidecar.datapath import netns as ns
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint
+
+if TYPE_CHECKING:  # pyroute2 is imported by the netlink helper child only (ctl.py)
+    from pyroute2 import IPRoute
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,8 @@ class TcAttacher:
         return exists
 
     def _ensure_clsact(self, ipr: IPRoute, netns: str | None, ifindex: int, where: str) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
         if self._judge_qdisc(ipr, netns, ifindex):
             return
         try:
@@ -234,6 +237,8 @@ class TcAttacher:
     def _maybe_delete_clsact(
         self, ipr: IPRoute, netns: str | None, ifindex: int, where: str
     ) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
         if not self._qdisc_ours.get((netns, ifindex)):
             return
         if not has_clsact(ipr, ifindex):
@@ -254,6 +259,8 @@ class TcAttacher:
     def _delete_filter(
         ipr: IPRoute, ifindex: int, direction: str, pref: int, handle: int, where: str
     ) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
         with ns.step("detach", f"delete filter pref {pref} at {direction} of {where}"):
             try:
                 ipr.tc("del-filter", "bpf", ifindex, handle, parent=PARENTS[direction], prio=pref)

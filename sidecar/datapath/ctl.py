@@ -1,0 +1,267 @@
+"""Netlink work (tc filters, ip rules, routes) in a short-lived child process.
+
+Why a child (issue 5): pyroute2 costs the process that imports it about 10 MB
+of RSS (600 modules instead of 400, sqlite3 among them), and the sidecar runs
+once per pod for the pod's whole life. Netlink is only needed at start,
+reload, stop and for a route-debug question, so each of those opens a
+``NetlinkSession``: ``python -m sidecar.datapath.ctl`` imports pyroute2, runs
+the operations the parent sends it over a Unix socket, and exits when the
+parent hangs up. The long-lived process keeps only the map fds and talks
+bpf syscalls through ``bpfsys``.
+
+The child is stateless across sessions: the one fact tc ownership needs to
+remember (which clsact qdiscs are ours, ``TcAttacher._qdisc_ours``) travels
+with every request and comes back with every answer. Program fds for
+``attach`` travel with the request (SCM_RIGHTS), as the build child sends
+them. A failure comes back as the ``DatapathError`` the child raised (step,
+message, errno, hint) and is raised again in the parent unchanged.
+
+Protocol: one JSON object per SEQPACKET message. Request ``{"op", "args",
+"qdisc"}`` (+ fds), answer ``{"ok": true, "result", "qdisc"}`` or ``{"ok":
+false, "step", "message", "code", "hint"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import DatapathError
+from sidecar.policy import AttachPoint
+
+log = logging.getLogger(__name__)
+
+_MSG_MAX = 1 << 20
+_MAX_FDS = 4
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as the CLI's
+
+# (netns, ifindex) -> the clsact qdisc there is ours to delete (TcAttacher's memory).
+QdiscOwnership = dict[tuple[str | None, int], bool]
+
+
+# ------------------------------------------------------------------ encoding (pure)
+
+
+def point_to_json(p: AttachPoint) -> dict:
+    return {"interface": p.interface, "direction": p.direction, "netns": p.netns}
+
+
+def point_from_json(d: dict) -> AttachPoint:
+    return AttachPoint(d["interface"], d["direction"], d["netns"])
+
+
+def qdisc_to_json(q: QdiscOwnership) -> list:
+    return [[netns, ifindex, ours] for (netns, ifindex), ours in sorted(q.items(), key=str)]
+
+
+def qdisc_from_json(rows: list) -> QdiscOwnership:
+    return {(netns, int(ifindex)): bool(ours) for netns, ifindex, ours in rows}
+
+
+def error_to_json(exc: DatapathError) -> dict:
+    """The parts of a DatapathError, so the parent raises the same one."""
+    text = str(exc)
+    prefix, suffix = f"{exc.step}: ", f" ({exc.hint})" if exc.hint else ""
+    if text.startswith(prefix):
+        text = text[len(prefix) :]
+    if suffix and text.endswith(suffix):
+        text = text[: -len(suffix)]
+    return {"ok": False, "step": exc.step, "message": text, "code": exc.code, "hint": exc.hint}
+
+
+# ------------------------------------------------------------------ parent side
+
+
+class NetlinkSession:
+    """A netlink child for the duration of one start / reload / stop / debug call.
+
+    Spawning returns at once: the child imports pyroute2 while the caller does
+    other work (the classifier build), and the first ``call`` waits for it.
+    ``qdisc`` is the caller's ownership record; it is updated in place.
+    """
+
+    def __init__(self, qdisc: QdiscOwnership, *, timeout: float = 60.0) -> None:
+        self.qdisc = qdisc
+        self.timeout = timeout
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        level = logging.getLevelName(logging.getLogger("sidecar").getEffectiveLevel())
+        cmd = [sys.executable, "-m", "sidecar.datapath.ctl", "--sock-fd", str(theirs.fileno())]
+        cmd += ["--log-level", str(level)]
+        try:
+            # stderr is inherited: the child's INFO lines about kernel changes join our log.
+            self._proc = subprocess.Popen(
+                cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env
+            )
+        except OSError as exc:
+            self._sock.close()
+            raise DatapathError("netlink", f"cannot start the netlink helper: {exc}") from exc
+        finally:
+            theirs.close()  # so a dead child reads as EOF here
+
+    def call(self, op: str, args: dict | None = None, fds: list[int] | tuple = ()) -> Any:
+        """Run ``op`` in the child; raise its DatapathError, or one saying it died."""
+        msg = json.dumps({"op": op, "args": args or {}, "qdisc": qdisc_to_json(self.qdisc)})
+        try:
+            self._sock.settimeout(self.timeout)
+            socket.send_fds(self._sock, [msg.encode()], list(fds))
+            raw = self._sock.recv(_MSG_MAX)
+        except TimeoutError:
+            self._kill()
+            raise DatapathError(
+                op, f"the netlink helper did not answer in {self.timeout:.0f} s"
+            ) from None
+        except OSError as exc:
+            raise DatapathError(op, f"the netlink helper is gone: {exc}", exc.errno) from exc
+        if not raw:
+            raise DatapathError(
+                op, f"the netlink helper exited ({self._proc.poll()}) without answering"
+            )
+        answer = json.loads(raw)
+        if "qdisc" in answer:
+            self.qdisc.clear()
+            self.qdisc.update(qdisc_from_json(answer["qdisc"]))
+        if not answer.get("ok"):
+            raise DatapathError(
+                answer.get("step", op),
+                answer.get("message", "failed"),
+                answer.get("code"),
+                answer.get("hint", ""),
+            )
+        return answer.get("result")
+
+    # Typed wrappers: what the manager needs from tc and routing.
+
+    def sweep(self, netns: str | None) -> int:
+        return int(self.call("sweep", {"netns": netns}))
+
+    def attach(self, point: AttachPoint, prog_fd: int):
+        from sidecar.datapath.tc import Attachment
+
+        d = self.call("attach", {"point": point_to_json(point)}, [prog_fd])
+        return Attachment(**d)
+
+    def detach(self, att) -> None:
+        self.call("detach", {"att": dataclasses.asdict(att)})
+
+    def reconcile(self, netns: str | None, rules: list, routes: list, *, prune: bool) -> None:
+        self.call(
+            "reconcile",
+            {
+                "netns": netns,
+                "rules": [dataclasses.asdict(r) for r in rules],
+                "routes": [dataclasses.asdict(r) for r in routes],
+                "prune": prune,
+            },
+        )
+
+    def remove_all(self, netns: str | None) -> int:
+        return int(self.call("remove_all", {"netns": netns}))
+
+    def route_get(self, netns: str | None, dst: str, mark: int) -> dict:
+        return self.call("route_get", {"netns": netns, "dst": dst, "mark": mark})
+
+    def close(self) -> None:
+        """Hang up; the child exits on EOF. Safe to call twice."""
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._kill()
+
+    def _kill(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+
+    def __enter__(self) -> NetlinkSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------- child side
+
+
+def _serve_one(op: str, args: dict, fds: list[int], qdisc: QdiscOwnership) -> Any:
+    from sidecar.datapath import netns as ns
+    from sidecar.datapath import routing
+    from sidecar.datapath import tc as tcm
+
+    attacher = tcm.TcAttacher()
+    attacher._qdisc_ours = qdisc
+    if op == "sweep":
+        return attacher.sweep(args["netns"])
+    if op == "attach":
+        if not fds:
+            raise DatapathError("attach", "no program fd came with the request")
+        return dataclasses.asdict(attacher.attach(point_from_json(args["point"]), fds[0]))
+    if op == "detach":
+        attacher.detach(tcm.Attachment(**args["att"]))
+        return None
+    if op in ("reconcile", "remove_all"):
+        netns = args["netns"]
+        rules = [routing.RuleSpec(**r) for r in args.get("rules", [])]
+        routes = [routing.RouteSpec(**r) for r in args.get("routes", [])]
+        with ns.ipr_in(netns) as ipr:
+            changes = routing.reconcile(ipr, rules, routes, netns, prune=args.get("prune", True))
+        return changes.removed if op == "remove_all" else dataclasses.asdict(changes)
+    if op == "route_get":
+        with ns.ipr_in(args["netns"]) as ipr:
+            return routing.route_get(ipr, args["dst"], args["mark"])
+    raise DatapathError(op, f"unknown netlink helper operation {op!r}")
+
+
+def serve(sock: socket.socket) -> None:
+    """Answer requests until the parent hangs up."""
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, _MSG_MAX, _MAX_FDS)
+        if not msg:
+            return
+        req = json.loads(msg)
+        qdisc = qdisc_from_json(req.get("qdisc", []))
+        try:
+            result = _serve_one(req["op"], req.get("args", {}), fds, qdisc)
+            answer = {"ok": True, "result": result}
+        except DatapathError as exc:
+            answer = error_to_json(exc)
+        except Exception as exc:  # a bug or an unexpected netlink failure: say what
+            log.exception("netlink helper: %s failed", req.get("op"))
+            answer = {"ok": False, "step": req.get("op", "netlink"), "message": repr(exc)}
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # an attached filter holds its own reference
+        answer["qdisc"] = qdisc_to_json(qdisc)
+        sock.send(json.dumps(answer).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sock-fd", type=int, required=True)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT)
+    started = time.monotonic()
+    sock = socket.socket(fileno=args.sock_fd)
+    with sock:
+        serve(sock)
+    log.debug("netlink helper done after %.2f s", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
