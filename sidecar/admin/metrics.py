@@ -1,23 +1,30 @@
 """Prometheus metrics of the proxy and the data path.
 
-Each sidecar owns a registry (tests run several in one process). Label
-children are cached by their label tuple, so a request costs two dict lookups
-and two increments rather than a ``labels()`` call each time.
+Each sidecar owns a registry (tests run several in one process). The proxy's
+series are plain Python numbers kept per label tuple and turned into metric
+families only at scrape time, by ``ProxyMetrics.collect``: a request then costs
+one dict lookup, two integer increments, a ``bisect`` and a float add (well
+under a microsecond), where prometheus_client's ``Histogram.observe`` walks the
+buckets in Python and takes a lock per increment. The event loop is the only
+writer; the scrape may run in another thread, so it reads copies (a dict or
+list copy is one step under the GIL), and at worst a scrape sees a request
+counted but not yet timed, which the next scrape sets right.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # ``*_created`` series double every scrape and no dashboard reads them.
 disable_created_metrics()
@@ -41,84 +48,119 @@ DURATION_BUCKETS = (
     5.0,
     10.0,
 )
+# ``le`` label values as prometheus_client spells them, "+Inf" last.
+_LE = (*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf")
+_SUM = len(DURATION_BUCKETS) + 1  # a histogram cell: per-bucket counts, then the sum
+
+REQUESTS = ("traffic_color_requests_total", "Requests proxied, by direction, color and status.")
+DURATION = (
+    "traffic_color_request_duration_seconds",
+    "Time from a request's first byte to its response's last byte.",
+)
+REWRITES = (
+    "traffic_color_header_rewrites_total",
+    "Color headers set or replaced, by why the request's own header was not kept.",
+)
+FLOWS = ("traffic_color_upstream_flows", "Upstream TCP connections open, by color.")
+RELOADS = ("traffic_color_policy_reloads_total", "Policy reloads, by result.")
 
 
-class ProxyMetrics:
-    """The proxy's counters, with cached children for the hot path."""
+class ProxyMetrics(Collector):
+    """The proxy's counters as plain numbers, exported by ``collect`` at scrape time.
+
+    Series appear once their label set is first used, as prometheus_client's
+    labelled metrics do. Only the event loop writes; see the module docstring.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.requests_total = Counter(
-            "traffic_color_requests_total",
-            "Requests proxied, by direction, color and status.",
-            ("direction", "color", "code"),
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "traffic_color_request_duration_seconds",
-            "Time from a request's first byte to its response's last byte.",
-            ("direction", "color"),
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.header_rewrites = Counter(
-            "traffic_color_header_rewrites_total",
-            "Color headers set or replaced, by why the request's own header was not kept.",
-            ("direction", "reason"),
-            registry=r,
-        )
-        self.upstream_flows = Gauge(
-            "traffic_color_upstream_flows",
-            "Upstream TCP connections open, by color.",
-            ("color",),
-            registry=r,
-        )
-        self.policy_reloads = Counter(
-            "traffic_color_policy_reloads_total",
-            "Policy reloads, by result.",
-            ("result",),
-            registry=r,
-        )
-        self._req: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]]
-        self._req = {}
-        self._rew: dict[tuple[str, str], Callable[[], None]] = {}
-        self._flows: dict[str, Gauge] = {}
+        # (direction, color, code) -> [count, histogram cell of (direction, color)]
+        self._req: dict[tuple[str, str, int], list] = {}
+        # (direction, color) -> [count per bucket (not cumulative; +Inf last), sum]
+        self._hist: dict[tuple[str, str], list] = {}
+        self._rew: dict[tuple[str, str], int] = {}
+        self._flows: dict[str, int] = {}
+        self._reloads: dict[str, int] = {}
+        self.registry.register(self)
+
+    # ------------------------------------------------------------ hot path
 
     def request(self, direction: str, color: str, code: int, seconds: float) -> None:
-        key = (direction, color, code)
-        pair = self._req.get(key)
-        if pair is None:
-            pair = (
-                self.requests_total.labels(direction, color, str(code)).inc,
-                self.request_duration.labels(direction, color).observe,
-            )
-            self._req[key] = pair
-        pair[0]()
-        pair[1](seconds)
+        cell = self._req.get((direction, color, code))
+        if cell is None:
+            cell = self._new_request(direction, color, code)
+        cell[0] += 1
+        hist = cell[1]
+        hist[bisect_left(DURATION_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
+        hist[_SUM] += seconds
+
+    def _new_request(self, direction: str, color: str, code: int) -> list:
+        hist = self._hist.get((direction, color))
+        if hist is None:
+            hist = [0] * _SUM + [0.0]
+            self._hist[(direction, color)] = hist
+        cell = self._req[(direction, color, code)] = [0, hist]
+        return cell
 
     def rewrite(self, direction: str, reason: str) -> None:
-        inc = self._rew.get((direction, reason))
-        if inc is None:
-            inc = self._rew[(direction, reason)] = self.header_rewrites.labels(
-                direction, reason
-            ).inc
-        inc()
+        key = (direction, reason)
+        self._rew[key] = self._rew.get(key, 0) + 1
 
     def flow_opened(self, color: str) -> None:
-        self._flow(color).inc()
+        self._flows[color] = self._flows.get(color, 0) + 1
 
     def flow_closed(self, color: str) -> None:
-        self._flow(color).dec()
-
-    def _flow(self, color: str) -> Gauge:
-        child = self._flows.get(color)
-        if child is None:
-            child = self._flows[color] = self.upstream_flows.labels(color)
-        return child
+        self._flows[color] = self._flows.get(color, 0) - 1
 
     def reload(self, ok: bool) -> None:
-        self.policy_reloads.labels("success" if ok else "failure").inc()
+        result = "success" if ok else "failure"
+        self._reloads[result] = self._reloads.get(result, 0) + 1
+
+    # ------------------------------------------------------------ scrape time
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: lets the registry refuse a duplicate name."""
+        return self._families({}, {}, {}, {}, {})
+
+    def collect(self) -> Iterator[Metric]:
+        # Copies first: the loop thread may add a label set while this runs.
+        req = {k: v[0] for k, v in self._req.copy().items()}
+        hist = {k: v[:] for k, v in self._hist.copy().items()}
+        return self._families(req, hist, self._rew.copy(), self._flows.copy(), self._reloads.copy())
+
+    @staticmethod
+    def _families(
+        req: dict[tuple[str, str, int], int],
+        hist: dict[tuple[str, str], list],
+        rew: dict[tuple[str, str], int],
+        flows: dict[str, int],
+        reloads: dict[str, int],
+    ) -> Iterator[Metric]:
+        requests = CounterMetricFamily(*REQUESTS, labels=("direction", "color", "code"))
+        for (direction, color, code), n in req.items():
+            requests.add_metric((direction, color, str(code)), float(n))
+        yield requests
+        duration = HistogramMetricFamily(*DURATION, labels=("direction", "color"))
+        for labels, cell in hist.items():
+            buckets = []
+            total = 0
+            for le, n in zip(_LE, cell, strict=False):
+                total += n
+                buckets.append((le, float(total)))
+            duration.add_metric(labels, buckets, cell[_SUM])
+        yield duration
+        rewrites = CounterMetricFamily(*REWRITES, labels=("direction", "reason"))
+        for labels, n in rew.items():
+            rewrites.add_metric(labels, float(n))
+        yield rewrites
+        gauge = GaugeMetricFamily(*FLOWS, labels=("color",))
+        for color, n in flows.items():
+            gauge.add_metric((color,), float(n))
+        yield gauge
+        reload_family = CounterMetricFamily(*RELOADS, labels=("result",))
+        for result, n in reloads.items():
+            reload_family.add_metric((result,), float(n))
+        yield reload_family
 
 
 class KernelCollector(Collector):

@@ -62,6 +62,7 @@ _EMPTY: dict[bytes, list[bytes]] = {}
 # Bytes of a request head that may sit unparsed across reads before it is refused.
 _MAX_PENDING_HEAD = MAX_REQUEST_LINE + MAX_HEADER_BYTES
 _AUTHORITY_CACHE = 4096  # distinct Host values remembered before the cache starts over
+_NAMES_CACHE = 1024  # distinct header name spellings remembered per side before starting over
 
 # What a downstream connection is waiting for, for the sweeper's timeouts.
 _HEAD, _IDLE, _BODY, _BUSY, _TUNNEL = range(5)
@@ -82,6 +83,10 @@ class Shared:
         self.draining = False
         self.own: set[tuple[str, int]] = set()  # our listening addresses: loop detection
         self.authorities: dict[bytes, tuple[str, int]] = {}  # Host value -> (host, port)
+        # Header name as received -> lower-case form if the side treats it specially, else
+        # b"", per side (outbound, inbound) of the current colorer; see ``Downstream.on_header``.
+        self._names_of: Colorer | None = None
+        self._names: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
 
     def authority(self, value: bytes) -> tuple[str, int]:
         """Parse a Host header value and remember it: apps talk to few upstreams."""
@@ -90,6 +95,13 @@ class Shared:
             self.authorities.clear()
         self.authorities[value] = hostport
         return hostport
+
+    def names(self, colorer: Colorer, outbound: bool) -> dict[bytes, bytes]:
+        """The header-name cache of one side, started afresh when the colorer is swapped."""
+        if colorer is not self._names_of:
+            self._names_of = colorer
+            self._names = ({}, {})
+        return self._names[outbound]
 
 
 class Request:
@@ -174,6 +186,7 @@ class Downstream(asyncio.Protocol):
         "fed",
         "flow",
         "loop",
+        "names",
         "outbound",
         "parser",
         "peer",
@@ -216,6 +229,7 @@ class Downstream(asyncio.Protocol):
         self.colorer: Colorer | None = None
         self.special: frozenset[bytes] = frozenset()
         self.capture: frozenset[bytes] = frozenset()
+        self.names: dict[bytes, bytes] = {}
         self.color_ends: dict[str, bytes] = {}
         # per request
         self.queue: deque[Request] = deque()  # answered in order; [0] is being answered
@@ -343,11 +357,25 @@ class Downstream(asyncio.Protocol):
         if size > MAX_HEADER_BYTES:
             raise DownstreamProtocolError("request headers larger than 64 KiB", 431)
         ex.hsize = size
-        lname = name.lower()
-        if lname in self.special:
+        # One dict lookup per header: clients repeat the same spellings, so the
+        # ``lower()`` copy and the set lookup happen once per spelling.
+        lname = self.names.get(name)
+        if lname is None:
+            lname = self._classify(name)
+        if lname:
             self._special_header(ex, lname, name, value)
         else:
             ex.pieces.extend((name, b": ", value, b"\r\n"))
+
+    def _classify(self, name: bytes) -> bytes:
+        """A header name spelling not seen before: special (its lower-case form) or not (b"")."""
+        lname = name.lower()
+        special = lname if lname in self.special else b""
+        names = self.names
+        if len(names) >= _NAMES_CACHE:
+            names.clear()
+        names[name] = special
+        return special
 
     def _special_header(self, ex: Request, lname: bytes, name: bytes, value: bytes) -> None:
         """Headers the proxy reads, drops or replaces; the rest pass in order untouched."""
@@ -431,6 +459,7 @@ class Downstream(asyncio.Protocol):
         self.colorer = colorer
         self.capture = frozenset() if self.outbound else colorer.inbound_capture
         self.special = HOP_BY_HOP | self.capture | {colorer.header, b"host", b"transfer-encoding"}
+        self.names = self.shared.names(colorer, self.outbound)
         self.color_ends = {}
 
     def _color_end(self, color: str) -> bytes:
@@ -469,7 +498,8 @@ class Downstream(asyncio.Protocol):
                     return
                 else:
                     host, port, target, new_host = outbound_target(ex.method, url, ex.host)
-                if (host, port) in self.shared.own:
+                    hostport = (host, port)
+                if hostport in self.shared.own:
                     raise DownstreamProtocolError("request addressed to the proxy itself", 508)
                 color, reason = colorer.outbound(ex.colors or ())
             else:

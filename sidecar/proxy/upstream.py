@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 from httptools import (
@@ -53,6 +54,15 @@ MAX_IDLE_PER_KEY = 256  # idle connections kept per pool key; more are closed on
 # Response headers the callbacks look at; everything else is copied in order.
 _RESPONSE_SPECIAL = HOP_BY_HOP | {b"transfer-encoding", b"content-length"}
 _CONNECTION_PLAIN = frozenset({b"keep-alive", b"close"})
+# Header name as received -> its lower-case form if special, else b"": one dict lookup per
+# header instead of a ``lower()`` copy and a set lookup (upstreams repeat the same spellings).
+_RAW_NAMES: dict[bytes, bytes] = {}
+_RAW_NAMES_MAX = 1024  # distinct spellings remembered before the cache starts over
+# Pooled connections idle for a whole sweep give up their parser (issue 5: 10k idle flows
+# must fit the memory bar); ``attach`` makes one again (about 0.3 us). Busy connections
+# keep theirs, so the hot path pays nothing.
+_IDLE_PIECES: list[bytes] = []  # never written: ``_new_response`` replaces it before use
+_KEYS_CACHE = 4096  # distinct pool keys shared between connections before the cache starts over
 
 
 class _HeadDone(Exception):
@@ -99,7 +109,7 @@ class UpstreamConnection(asyncio.Protocol):
         # global
         self.pool = pool
         self.key = key
-        self.parser = HttpResponseParser(self)
+        self.parser: HttpResponseParser | None = None  # made by attach, dropped when idle
         # per connection
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
@@ -116,7 +126,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got = False  # bytes of the answer arrived
         self.out: list[bytes] = []  # bytes for the downstream, written once per read
         # per response
-        self.pieces: list[bytes] = [b""]
+        self.pieces: list[bytes] = _IDLE_PIECES
         self.code = 0
         self.hdone = False
         self.length = False
@@ -134,7 +144,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.flow = FlowControl(transport)
         local = transport.get_extra_info("sockname")
         remote = transport.get_extra_info("peername")
-        self.addrs = ((local[0], local[1]), (remote[0], remote[1]))
+        # Interned: thousands of flows share a few addresses, not a string each.
+        self.addrs = ((sys.intern(local[0]), local[1]), (sys.intern(remote[0]), remote[1]))
         self.pool.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -172,7 +183,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got = True
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(data)  # type: ignore[union-attr]
         except HttpParserUpgrade as exc:
             self._upgraded(data[exc.args[0] :])
             return
@@ -197,6 +208,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = ex
         self.down = down
         self.got = False
+        if self.parser is None:
+            self.parser = HttpResponseParser(self)
         self._new_response()
         ex.conn = self
         down.up = self
@@ -253,8 +266,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.hdone:
             return  # a trailer; re-chunked bodies end without trailers
-        lname = name.lower()
-        if lname in _RESPONSE_SPECIAL:
+        lname = _RAW_NAMES.get(name)
+        if lname is None:
+            lname = _special_name(name)
+        if lname:
             if lname == b"content-length":
                 self.length = True
                 self.pieces.extend((name, b": ", value, b"\r\n"))
@@ -274,7 +289,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None or self.hdone:
             raise UpstreamProtocolError("response without a request")
         self.hdone = True
-        code = self.code = self.parser.get_status_code()
+        code = self.code = self.parser.get_status_code()  # type: ignore[union-attr]
         pieces = self.pieces
         if self.extra:
             pieces = drop_headers(pieces, self.extra)
@@ -292,7 +307,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         down: Downstream = self.down  # type: ignore[assignment]
         keep_down = ex.keep_alive and ex.complete and not ex.upgrade and not down.shared.draining
-        self.keep = self.parser.should_keep_alive()
+        self.keep = self.parser.should_keep_alive()  # type: ignore[union-attr]
         self.eof_ends = False
         self.mode = 0
         te = self.te
@@ -429,8 +444,10 @@ class Pool:
         self.open: set[UpstreamConnection] = set()
         self.now = loop.time()  # advanced by the proxy's sweeper; stamps idle connections
         self.closed = False
-        # 4-tuples told to the hooks before their connect finished -> those hooks
+        # 4-tuples told to the hooks before their connect finished -> (4-tuple, those hooks);
+        # the connection adopts the tuple itself, so the hooks' records share it.
         self._registered: dict[tuple[tuple[str, int], tuple[str, int]], Any] = {}
+        self._keys: dict[Key, Key] = {}  # one key tuple per upstream, shared by its connections
 
     def take(self, key: Key) -> UpstreamConnection | None:
         """The most recently used idle connection for ``key`` (LIFO keeps few warm), or None."""
@@ -453,11 +470,15 @@ class Pool:
             conn.transport.close()  # type: ignore[union-attr]
             return
         conn.idle_since = self.now
+        conn.pieces = _IDLE_PIECES
         stack.append(conn)
 
     async def connect(self, key: Key) -> UpstreamConnection:
         """A new connection for ``key``; raises TimeoutError or OSError."""
         _, host, port = key
+        key = self._keys.setdefault(key, key)
+        if len(self._keys) > _KEYS_CACHE:
+            self._keys.clear()
         if self.ctx.hooks is not None:
             return await asyncio.wait_for(self._connect_colored(key), self.ctx.timeouts.connect)
         _, conn = await asyncio.wait_for(
@@ -488,8 +509,8 @@ class Pool:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.bind((_source_address(family, addr), 0))
                 local = sock.getsockname()[:2]
-                registered = ((local[0], local[1]), (addr[0], addr[1]))
-                self._registered[registered] = hooks
+                registered = ((sys.intern(local[0]), local[1]), (sys.intern(addr[0]), addr[1]))
+                self._registered[registered] = (registered, hooks)
                 _call_hook(hooks.flow_open, color, *registered)
                 await self.loop.sock_connect(sock, addr)
                 _, conn = await self.loop.create_connection(
@@ -511,9 +532,9 @@ class Pool:
         self.open.add(conn)
         color = conn.key[0]
         self.ctx.metrics.flow_opened(color)
-        hooks = self._registered.pop(conn.addrs, None)  # type: ignore[arg-type]
-        if hooks is not None:
-            conn.hooks = hooks  # registered before the SYN by _connect_colored
+        found = self._registered.pop(conn.addrs, None)  # type: ignore[arg-type]
+        if found is not None:
+            conn.addrs, conn.hooks = found  # registered before the SYN by _connect_colored
             return
         hooks = self.ctx.hooks
         if hooks is not None:
@@ -543,11 +564,19 @@ class Pool:
     # ------------------------------------------------------------ upkeep
 
     def sweep(self, now: float, idle_timeout: float) -> None:
-        """Close connections idle for longer than ``idle_timeout`` (oldest sit at the bottom)."""
-        self.now = now
+        """Close connections idle for longer than ``idle_timeout`` (oldest sit at the bottom).
+
+        Connections already idle at the previous sweep drop their parser: they are the
+        long tail of a large pool, not the few that serve the next request.
+        """
+        before, self.now = self.now, now
         for stack in self.idle.values():
             while stack and now - stack[0].idle_since > idle_timeout:
                 stack.pop(0).transport.close()  # type: ignore[union-attr]
+            for conn in stack:
+                if conn.idle_since >= before:
+                    break  # newer ones sit above
+                conn.parser = None
 
     def close_idle(self) -> None:
         for stack in self.idle.values():
@@ -560,6 +589,16 @@ class Pool:
         for conn in list(self.open):
             if conn.transport is not None:
                 conn.transport.close()
+
+
+def _special_name(name: bytes) -> bytes:
+    """Classify a response header name spelling not seen before, and remember it."""
+    lname = name.lower()
+    special = lname if lname in _RESPONSE_SPECIAL else b""
+    if len(_RAW_NAMES) >= _RAW_NAMES_MAX:
+        _RAW_NAMES.clear()
+    _RAW_NAMES[name] = special
+    return special
 
 
 def _call_hook(method: Any, color: str, local: tuple[str, int], remote: tuple[str, int]) -> None:

@@ -178,6 +178,30 @@ async def test_stale_pooled_connection_is_retried_for_idempotent_requests(
     assert backend.paths()[-1] == "/pay" and backend.requests[-1].answered is False
 
 
+async def test_long_idle_pooled_connection_sheds_its_parser_and_is_reused(
+    make_proxy: MakeProxy, backend: Backend
+) -> None:
+    hooks = RecordingHooks()
+    proxy = await make_proxy(hooks=hooks)
+    pool = proxy._shared.pool  # type: ignore[union-attr]
+    host = f"127.0.0.1:{backend.port}"
+    conn = await Conn.open(port(proxy))
+    await conn.send(request("GET", "/first", host))
+    assert (await conn.response()).status == 200
+    (idle,) = [c for stack in pool.idle.values() for c in stack]
+    now = pool.now
+    pool.sweep(now + 1, idle_timeout=60)  # idle less than a whole sweep: keeps its parser
+    assert idle.parser is not None
+    pool.sweep(now + 2, idle_timeout=60)  # idle across a whole sweep: the parser goes
+    assert idle.parser is None
+    await conn.send(request("GET", "/second", host))
+    resp = await conn.response()
+    conn.close()
+    assert resp.status == 200 and json.loads(resp.body)["target"] == "/second"
+    assert len(hooks.opened) == 1  # the same flow served both requests
+    assert len({s.peer for s in backend.requests}) == 1
+
+
 async def test_requests_session_survives_keep_alive_race(proxy: Proxy, backend: Backend) -> None:
     proxies = {"http": f"http://127.0.0.1:{port(proxy)}"}
     base = f"http://127.0.0.1:{backend.port}"
