@@ -239,11 +239,11 @@ def report(res: dict) -> bool:
     return ok
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flows", type=int, default=10_000)
     ap.add_argument("--starts", type=int, default=3)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("footprint: needs root (network namespaces, tc, BPF)", file=sys.stderr)
         return 2

@@ -1,36 +1,43 @@
-"""``make bench``: the HTTP benchmark, then the classifier's cost when that bench exists.
+"""``make bench``: every benchmark of the project, each against its baseline in the same run.
 
-Each part prints its own figures and ratios against the baseline measured in
-the same run. ``bench/bpf_cost.py`` is written by another part of the project;
-this entry point only runs it (``main()``, else ``measure()``) if the module is there.
+1. HTTP (``http_bench.py``): wrk against the backend, nginx and both sidecar sides;
+   req/s, latency, CPU per request, ratios to nginx, RSS next to an nginx worker's.
+2. Classifier (``bpf_cost.py``): ns per packet at 1, 10k and 1M flows next to an
+   empty tc program (root).
+3. Footprint (``footprint.py``): start-up to ready with and without the data path,
+   RSS with 10k open flows (root).
+
+Arguments go to the HTTP part (``make bench BENCH_ARGS="--seconds 5"``). Each
+part prints its own bar; the exit status is 1 when any bar is missed, 2 when a
+part could not run (the root-only parts without root).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bpf_cost
+import footprint
+import http_bench
+
+PARTS = (
+    ("HTTP: backend vs nginx vs sidecar", http_bench.main),
+    ("tc classifier cost per packet", bpf_cost.main),
+    ("footprint: start-up and RSS", footprint.main),
+)
 
 
 def main(argv: list[str]) -> int:
-    sys.path.insert(0, str(HERE))
-    import http_bench
-
-    print("== HTTP: backend vs nginx vs sidecar ==", flush=True)
-    status = http_bench.main(argv)
-    if importlib.util.find_spec("bpf_cost") is not None:
-        import bpf_cost
-
-        print("\n== tc classifier cost ==", flush=True)
-        if hasattr(bpf_cost, "main"):  # its own table, root check and limit
-            status = bpf_cost.main([]) or status
-        else:
-            print(bpf_cost.measure())
-    else:
-        print("\n(bench/bpf_cost.py not present: classifier cost not measured)")
-    return status
+    worst = 0
+    for i, (title, run) in enumerate(PARTS):
+        print(f"{'' if i == 0 else chr(10)}== {title} ==", flush=True)
+        status = run(argv if run is http_bench.main else [])
+        sys.stdout.flush()
+        worst = max(worst, status or 0)
+    return worst
 
 
 if __name__ == "__main__":
