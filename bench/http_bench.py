@@ -178,7 +178,8 @@ _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 def run_wrk(
     url: str, seconds: float, conns: int, threads: int, headers: list[str], pid: int | None
 ) -> Result:
-    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds:g}s", "--latency"]
+    # wrk counts its duration in whole seconds: less than one is an error.
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency"]
     for h in headers:
         cmd += ["-H", h]
     cpu0 = cpu_seconds(pid) if pid else 0.0
