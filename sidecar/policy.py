@@ -187,6 +187,9 @@ class _Checker:
 
     def __init__(self) -> None:
         self.issues: list[PolicyIssue] = []
+        # Every name under ``colors``, valid or not: a reference to a color whose own
+        # entry is wrong is not reported again as "not defined".
+        self.declared_colors: set[str] = set()
 
     def err(self, node: yaml.Node, message: str) -> None:
         self.issues.append(PolicyIssue(node.start_mark.line + 1, message))
@@ -365,7 +368,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
 
     colors = _colors(ck, top.get("colors"), mark_mask)
     default_color = get("default_color", lambda n: ck.string(n, "default_color"), "stable")
-    if colors and default_color not in colors:
+    if colors and default_color not in colors and default_color not in ck.declared_colors:
         node = top["default_color"][1] if "default_color" in top else root
         ck.err(node, f"default_color: '{default_color}' is not defined under colors")
 
@@ -416,6 +419,7 @@ def _colors(ck: _Checker, entry: Any, mark_mask: int) -> dict[str, Color]:
     items = ck.mapping(vnode, "colors", set())
     if not items and not ck.issues:
         ck.err(knode, "colors: at least one color is required")
+    ck.declared_colors.update(items)
     colors: dict[str, Color] = {}
     seen_marks: dict[int, str] = {}
     for cid, (name, (cknode, cvnode)) in enumerate(items.items(), start=1):
@@ -579,10 +583,9 @@ def _split_rule(
     split: list[tuple[str, int]] = []
     total = 0
     for name, (knode, vnode) in shares.items():
-        if _known_color(ck, knode, f"{where}.split", colors) is None:
-            continue
+        known = _known_color(ck, knode, f"{where}.split", colors)
         pct = ck.integer(vnode, f"{where}.split.{name}", 0, 100)
-        if pct is None:
+        if known is None or pct is None:
             continue
         split.append((name, pct))
         total += pct
@@ -614,7 +617,8 @@ def _known_color(ck: _Checker, node: yaml.Node, where: str, colors: dict[str, Co
         ck.err(node, f"{where}: '{name}' is not a valid color name")
         return None
     if colors and name not in colors:
-        ck.err(node, f"{where}: color '{name}' is not defined under colors")
+        if name not in ck.declared_colors:
+            ck.err(node, f"{where}: color '{name}' is not defined under colors")
         return None
     return name
 

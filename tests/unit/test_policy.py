@@ -169,6 +169,25 @@ def test_all_issues_are_reported_at_once_in_line_order() -> None:
     ]
 
 
+def test_a_broken_color_is_reported_once_not_again_where_it_is_used() -> None:
+    text = textwrap.dedent("""\
+        default_color: canary
+        colors:
+          stable: {mark: 0x1}
+          canary: {mark: 0x1}
+        inbound:
+          rules:
+            - split: {canary: 120}
+              sticky_key: header:x-user-id
+            - match: {header: {name: x-beta, value: "1"}}
+              color: canary
+        """)
+    assert errors_of(text) == [
+        (4, "colors.canary.mark: duplicate mark 0x1 (also used by 'stable')"),
+        (7, "inbound.rules[0].split.canary: 120 is out of range [0, 100]"),
+    ]
+
+
 def test_empty_and_non_mapping_files_are_rejected() -> None:
     assert errors_of("")[0][1].startswith("empty policy")
     assert "expected a mapping" in errors_of("- a\n- b\n")[0][1]
