@@ -173,6 +173,11 @@ class NetlinkSession:
     def route_get(self, netns: str | None, dst: str, mark: int) -> dict:
         return self.call("route_get", {"netns": netns, "dst": dst, "mark": mark})
 
+    @property
+    def alive(self) -> bool:
+        """False once the child has exited (killed, timed out): a new session is needed."""
+        return self._proc.poll() is None
+
     def close(self) -> None:
         """Hang up; the child exits on EOF. Safe to call twice."""
         with contextlib.suppress(OSError):

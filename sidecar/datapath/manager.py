@@ -16,7 +16,7 @@ may compile; call them from a worker thread (``asyncio.to_thread``). Called
 on a thread whose event loop runs, they still work (netlink moves to a helper
 thread) but hold the loop meanwhile. ``flow_open``/``flow_close`` run on the
 event loop thread: one dict operation and one map syscall under a lock that is
-only contended while ``apply`` swaps flow tables.
+only contended while ``apply`` swaps flow tables or ``snapshot`` reads counters.
 
 One product instance per namespace: objects carrying our tags in the
 namespaces the policy names are taken to be ours (leftovers of a crashed run)
@@ -30,6 +30,7 @@ import ipaddress
 import logging
 import threading
 from collections import Counter as Tally
+from collections.abc import Iterator
 
 from sidecar.admin.metrics import KernelSnapshot
 from sidecar.datapath import abi, routing
@@ -142,16 +143,34 @@ class DatapathManager:
                         self._recolor_flows(old, policy)
                         self._reattach(net, policy)
                 except BaseException:
-                    self._roll_back(net, policy, old)
+                    try:
+                        with self._alive(net) as live:
+                            self._roll_back(live, policy, old)
+                    except DatapathError as exc:  # no helper could be started
+                        log.error("data path: rolling back a failed reload: %s", exc)
                     raise
                 self._policy = policy  # the kernel now follows it; pruning only tidies up
+                self._drop_flows_of_removed_colors()
                 self._apply_routing(net, policy)
             log.info("data path: policy %s applied", policy.digest)
+
+    @contextlib.contextmanager
+    def _alive(self, net: NetlinkSession) -> Iterator[NetlinkSession]:
+        """``net``, or a new session when its helper died (the failure may have killed it)."""
+        if net.alive:
+            yield net
+            return
+        with NetlinkSession(self._qdisc) as fresh:
+            yield fresh
 
     def _roll_back(self, net: NetlinkSession, failed: Policy, old: Policy) -> None:
         """Best effort back to ``old`` after a failed apply: colors, flow ids, routing."""
         loaded = self._loaded
-        steps = [lambda: self._recolor_flows(failed, old), lambda: self._apply_routing(net, old)]
+        steps = [
+            lambda: self._recolor_flows(failed, old),
+            lambda: self._restore_attach_points(net, old),
+            lambda: self._apply_routing(net, old),
+        ]
         if loaded is not None:
             steps.insert(0, lambda: self._set_colors(loaded, old))
         for undo in steps:
@@ -172,6 +191,8 @@ class DatapathManager:
         if self._closed:
             return
         self._closed = True
+        if net is not None and not net.alive:
+            net = None  # the failure that brought us here killed the helper: start another
         if net is None and (self._attachments or self._routing_spaces):
             try:
                 with NetlinkSession(self._qdisc) as own:
@@ -225,7 +246,8 @@ class DatapathManager:
     def flow_close(self, color: str, local: Endpoint, remote: Endpoint) -> None:
         """Forget a flow; an entry the kernel's LRU dropped meanwhile counts as an eviction."""
         with self._flow_lock:
-            if self._open.pop((local, remote), None) is None:
+            registered = self._open.pop((local, remote), None)
+            if registered is None:
                 return  # never registered (unknown color, or opened before start)
             try:
                 found = [table.remove(local, remote) for table in self._writers]
@@ -233,7 +255,8 @@ class DatapathManager:
                 self.flow_errors += 1
                 log.debug("flow_close %s %s -> %s: %s", color, local, remote, exc)
                 return
-            if found and not any(found):
+            # A color a reload in progress removes has left the map already: no eviction.
+            if found and not any(found) and registered in self._color_ids:
                 self.evictions += 1
 
     # ------------------------------------------------------------ reading
@@ -244,12 +267,15 @@ class DatapathManager:
 
     def snapshot(self) -> KernelSnapshot:
         """Counters by (color name, hook), plus counters of programs replaced before."""
-        counters = dict(self._counter_base)
-        loaded = self._loaded
-        if loaded is not None:
-            for key, (pkts, byts) in self._named_counters(loaded).items():
-                base = counters.get(key, (0, 0))
-                counters[key] = (base[0] + pkts, base[1] + byts)
+        # Under the flow lock: a swap replaces program and base together, and closes the
+        # old program's fds only once no reader can hold them. Only a swap contends.
+        with self._flow_lock:
+            counters = dict(self._counter_base)
+            loaded = self._loaded
+            live = self._named_counters(loaded) if loaded is not None else {}
+        for key, (pkts, byts) in live.items():
+            base = counters.get(key, (0, 0))
+            counters[key] = (base[0] + pkts, base[1] + byts)
         return KernelSnapshot(counters, self.evictions)
 
     def status(self) -> dict:
@@ -424,25 +450,58 @@ class DatapathManager:
             if point not in self._attachments:
                 self._attach(net, point, self._loaded)
         for point in [p for p in self._attachments if p not in wanted]:
-            net.detach(self._attachments.pop(point))
+            net.detach(self._attachments[point])  # still ours to retry if this fails
+            del self._attachments[point]
+
+    def _restore_attach_points(self, net: NetlinkSession, old: Policy) -> None:
+        """After a failed reload: filters exactly where ``old`` wants them (best effort)."""
+        wanted = list(old.datapath.attach)
+        errors = []
+        for point in [p for p in self._attachments if p not in wanted]:
+            try:
+                net.detach(self._attachments[point])
+                del self._attachments[point]
+            except DatapathError as exc:
+                errors.append(exc)
+        for point in wanted:
+            if point not in self._attachments and self._loaded is not None:
+                try:
+                    self._attach(net, point, self._loaded)
+                except DatapathError as exc:
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def _recolor_flows(self, old: Policy, new: Policy) -> None:
-        """Registered flows follow their color's new id; flows of removed colors are dropped."""
+        """Registered flows follow their color's new id; flows of removed colors leave the map.
+
+        Their registration stays until the reload has succeeded
+        (``_drop_flows_of_removed_colors``): a reload that fails later rolls
+        back to a policy in which they have their color, and this puts them back.
+        """
         ids = {name: c.id for name, c in new.colors.items()}
         with self._flow_lock:
             self._color_ids = ids
             for (local, remote), color in list(self._open.items()):
+                was = old.colors.get(color)
+                if color in ids and was is not None and was.id == ids[color]:
+                    continue
                 try:
-                    if color not in ids:
-                        del self._open[(local, remote)]
-                        for table in self._writers:
-                            table.remove(local, remote)
-                    elif old.colors.get(color) is None or old.colors[color].id != ids[color]:
-                        for table in self._writers:
+                    for table in self._writers:
+                        if color in ids:
                             table.add(ids[color], local, remote)
+                        else:
+                            table.remove(local, remote)
                 except (OSError, ValueError) as exc:
                     self.flow_errors += 1
                     log.warning("re-coloring flow %s -> %s: %s", local, remote, exc)
+
+    def _drop_flows_of_removed_colors(self) -> None:
+        """Forget open flows whose color the now-running policy no longer has (not in the map)."""
+        with self._flow_lock:
+            for flow, color in list(self._open.items()):
+                if color not in self._color_ids:
+                    del self._open[flow]
 
     def _swap_program(self, net: NetlinkSession, old: Policy, new: Policy) -> None:
         """Recompile for a new flow table size and swap filters without an unmarked window.
@@ -467,9 +526,6 @@ class DatapathManager:
                     if name in new_ids:
                         nxt.flows.add(new_ids[name], local, remote)
                         copied += 1
-                for (local, remote), color in list(self._open.items()):
-                    if color not in new_ids:
-                        del self._open[(local, remote)]
             log.info("data path: new program loaded, %d open flow(s) copied", copied)
             wanted = list(new.datapath.attach)
             for point in wanted:
@@ -480,18 +536,22 @@ class DatapathManager:
             with self._flow_lock:
                 self._writers = (prev.flows,)
             # Filters already swapped keep the new program's fds alive; put the old one back.
-            for point, att in list(self._attachments.items()):
-                with contextlib.suppress(DatapathError):
-                    self._attachments[point] = net.attach(
-                        point, prev.classifier.progs[att.direction]
-                    )
+            try:
+                with self._alive(net) as live:
+                    for point, att in list(self._attachments.items()):
+                        with contextlib.suppress(DatapathError):
+                            self._attachments[point] = live.attach(
+                                point, prev.classifier.progs[att.direction]
+                            )
+            except DatapathError as exc:  # no helper could be started
+                log.error("data path: putting the previous program back: %s", exc)
             nxt.classifier.close()
             raise
-        final = self._named_counters(prev)
         with self._flow_lock:
+            base = dict(self._counter_base)
+            for key, (pkts, byts) in self._named_counters(prev).items():
+                was = base.get(key, (0, 0))
+                base[key] = (was[0] + pkts, was[1] + byts)
             self._writers = (nxt.flows,)
-            self._loaded = nxt
-        for key, (pkts, byts) in final.items():
-            base = self._counter_base.get(key, (0, 0))
-            self._counter_base[key] = (base[0] + pkts, base[1] + byts)
+            self._loaded, self._counter_base = nxt, base
         prev.classifier.close()

@@ -10,6 +10,8 @@ and small tuples, never objects built per call.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterable
 
 from sidecar.errors import DownstreamProtocolError
@@ -39,8 +41,13 @@ HOP_BY_HOP = frozenset(
 # when a pooled connection turns out to be closed by the upstream.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-# Tokens of a Connection header that are not names of further hop-by-hop headers.
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Tokens of a Connection header that never name a header to drop: the connection options,
+# and the framing fields. The proxy forwards a body with the framing it arrived with, so
+# dropping Content-Length or Transfer-Encoding because a peer named it would turn the body
+# into the start of another message on the next hop (request smuggling past the coloring).
+_CONNECTION_OPTIONS = frozenset(
+    {b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding"}
+)
 
 REASONS = {
     200: "OK",
@@ -52,7 +59,11 @@ REASONS = {
     499: "Client Closed Request",
     502: "Bad Gateway",
     504: "Gateway Timeout",
+    508: "Loop Detected",
 }
+
+# A character a host name (RFC 3986 reg-name) or an IPv4 address cannot contain.
+_NOT_IN_REG_NAME = re.compile(r"[^A-Za-z0-9\-._~%!$&'()*+,;=]")
 
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -64,7 +75,10 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 
 
 def extra_hop_headers(tokens: Iterable[bytes]) -> frozenset[bytes]:
-    """Header names a ``Connection`` header declared hop-by-hop (besides the usual options)."""
+    """Header names a ``Connection`` header declared hop-by-hop (besides the usual options).
+
+    Content-Length and Transfer-Encoding are never among them: see ``_CONNECTION_OPTIONS``.
+    """
     return frozenset(t for t in tokens if t not in _CONNECTION_OPTIONS)
 
 
@@ -110,6 +124,10 @@ def parse_authority(authority: bytes, default_port: int | None) -> tuple[str, in
         host, rest = text[1:end], text[end + 1 :]
         if rest and not rest.startswith(":"):
             raise DownstreamProtocolError(f"invalid IPv6 authority {text[:100]!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise DownstreamProtocolError(f"invalid IPv6 authority {text[:100]!r}") from None
         port_text = rest[1:] if rest else None
     else:
         host, colon, port_text = text.partition(":")
@@ -117,6 +135,8 @@ def parse_authority(authority: bytes, default_port: int | None) -> tuple[str, in
             port_text = None
         elif ":" in port_text:
             raise DownstreamProtocolError(f"invalid authority {text[:100]!r}")
+        if _NOT_IN_REG_NAME.search(host):  # whitespace, braces...: not a name to resolve
+            raise DownstreamProtocolError(f"invalid host in authority {text[:100]!r}")
     if not host:
         raise DownstreamProtocolError(f"authority without a host: {text[:100]!r}")
     if port_text is None or port_text == "":

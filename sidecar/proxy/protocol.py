@@ -68,6 +68,18 @@ _NAMES_CACHE = 1024  # distinct header name spellings remembered per side before
 _HEAD, _IDLE, _BODY, _BUSY, _TUNNEL = range(5)
 
 
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+# Marks a request whose Transfer-Encoding did not end in chunked (see ``_rare_head``); a
+# space cannot occur in a header name, so dropping "headers" of this name removes none.
+_UNFRAMED_MARK = b" unframed"
+_UNFRAMED = frozenset({_UNFRAMED_MARK})
+
+
+def _unmapped(ip: str) -> str:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is (``::ffff:127.0.0.1``)."""
+    return ip[7:] if ip[:7].lower() == "::ffff:" and "." in ip else ip
+
+
 class _Stop(Exception):
     """Raised from a callback to stop parsing once the connection is being closed."""
 
@@ -82,6 +94,7 @@ class Shared:
         self.conns: set[Downstream] = set()
         self.draining = False
         self.own: set[tuple[str, int]] = set()  # our listening addresses: loop detection
+        self.listening: list[tuple[str, int]] = []  # the outbound sockets' (ip, port)
         self.authorities: dict[bytes, tuple[str, int]] = {}  # Host value -> (host, port)
         # Header name as received -> lower-case form if the side treats it specially, else
         # b"", per side (outbound, inbound) of the current colorer; see ``Downstream.on_header``.
@@ -95,6 +108,21 @@ class Shared:
             self.authorities.clear()
         self.authorities[value] = hostport
         return hostport
+
+    def loops_back(self, conn: UpstreamConnection) -> bool:
+        """Whether a new upstream connection reached the outbound listener itself.
+
+        Checking the Host name is not enough (``localhost``, ``[::ffff:127.0.0.1]``,
+        ``127.1`` all lead here), so the connection's real peer is compared, once per
+        new connection. A wildcard listener is reached at any local address, which is
+        then the connection's source address too.
+        """
+        (local_ip, _), (peer_ip, peer_port) = conn.addrs  # type: ignore[misc]
+        local_ip, peer_ip = _unmapped(local_ip), _unmapped(peer_ip)
+        for ip, port in self.listening:
+            if port == peer_port and (ip == peer_ip or (ip in _WILDCARDS and local_ip == peer_ip)):
+                return True
+        return False
 
     def names(self, colorer: Colorer, outbound: bool) -> dict[bytes, bytes]:
         """The header-name cache of one side, started afresh when the colorer is swapped."""
@@ -147,6 +175,8 @@ class Request:
         self.colors: list[bytes] | None = None
         self.captured: dict[bytes, list[bytes]] | None = None
         self.upgrade_value = b""
+        # Header names a Connection header declared hop-by-hop, plus ``_UNFRAMED``: the
+        # rare cases share one slot so a common head pays a single check for both.
         self.extra: frozenset[bytes] | None = None
         self.method = b""
         self.http11 = True
@@ -273,6 +303,14 @@ class Downstream(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
             return self.tunnel.client_eof()
+        if self.closing:
+            return None
+        cur = self.cur
+        if cur is not None and self.early is None:
+            # Stopped sending mid-request: it can never complete, so say so now rather
+            # than at a timeout (after the answers to the requests ahead of it).
+            self._reject(400, "client closed its side before the request was complete")
+            return True
         if self.queue:
             self.eof = True  # a half-closing client still gets its answers
             return True
@@ -318,10 +356,26 @@ class Downstream(asyncio.Protocol):
         cur = self.cur
         # A head arriving over several reads: httptools keeps the unfinished header
         # itself, so bound what may pile up before the callbacks can count it.
-        if cur is not None and not cur.headers_done and not self.begun:
-            self.fed += len(data)
-            if self.fed > _MAX_PENDING_HEAD:
-                self._reject(431, "request head larger than 64 KiB")
+        if cur is not None and not self.begun:
+            if not cur.headers_done:
+                self.fed += len(data)
+                if self.fed > _MAX_PENDING_HEAD:
+                    self._reject(431, "request head larger than 64 KiB")
+            elif cur.chunked:
+                self._count_trailer(len(data))
+
+    def _count_trailer(self, size: int) -> None:
+        """Bound chunked-body reads that carry no body bytes: trailers pile up in httptools.
+
+        ``on_body`` marks a read that moved the body on (``fed`` < 0); reads without
+        any body byte (trailers, chunk extensions) add up like an unfinished head.
+        """
+        if self.fed < 0:
+            self.fed = 0
+            return
+        self.fed += size
+        if self.fed > _MAX_PENDING_HEAD:
+            self._reject(431, "request trailers larger than 64 KiB")
 
     # ------------------------------------------------------------ httptools callbacks
 
@@ -404,6 +458,8 @@ class Downstream(asyncio.Protocol):
             ex.host_at = len(ex.pieces) + 2
         elif lname == b"transfer-encoding":
             ex.chunked = is_chunked(value)
+            if not ex.chunked:  # refused at the end of the head unless a later line fixes it
+                ex.extra = _UNFRAMED if ex.extra is None else ex.extra | _UNFRAMED
         ex.pieces.extend((name, b": ", value, b"\r\n"))
 
     def on_headers_complete(self) -> None:
@@ -418,13 +474,14 @@ class Downstream(asyncio.Protocol):
         elif parser.should_upgrade():
             ex.upgrade = True
         if ex.extra:
-            self._drop_declared(ex)
+            self._rare_head(ex)
         if self.queue[0] is ex:
             self._start(ex)
 
     def on_body(self, body: bytes) -> None:
         ex: Request = self.cur  # type: ignore[assignment]
         ex.body_seen = True
+        self.fed = -1  # the body moved on in this read (see ``_count_trailer``)
         conn = ex.conn
         if conn is not None:
             conn.transport.write(b"".join(chunk(body)) if ex.chunked else body)  # type: ignore[union-attr]
@@ -470,8 +527,16 @@ class Downstream(asyncio.Protocol):
             line = self.color_ends[color] = b"%s: %s\r\n\r\n" % (header, color.encode("ascii"))
         return line
 
-    def _drop_declared(self, ex: Request) -> None:
-        """Rare: the Connection header named more hop-by-hop headers; remove them."""
+    def _rare_head(self, ex: Request) -> None:
+        """Rare: a Transfer-Encoding not ending in chunked, or Connection naming more
+        hop-by-hop headers (removed here).
+
+        llhttp refuses the former only after ``on_headers_complete``, when the head
+        would already be on its way out on a pooled connection; RFC 9112 section 6.3
+        makes it a 400.
+        """
+        if _UNFRAMED_MARK in ex.extra and not ex.chunked:  # type: ignore[operator]
+            raise DownstreamProtocolError("request Transfer-Encoding does not end in chunked")
         ex.pieces = drop_headers(ex.pieces, ex.extra)  # type: ignore[arg-type]
         if b"host" in ex.extra:  # type: ignore[operator]
             ex.host, ex.host_at = None, -1
@@ -525,6 +590,9 @@ class Downstream(asyncio.Protocol):
             else:
                 pieces.extend((b"host: ", new_host, b"\r\n"))
         elif ex.host is None:  # HTTP/1.0 without Host; HTTP/1.1 upstreams require one
+            if ex.http11:  # RFC 9112 section 3.2 (the outbound side refused it above)
+                self._fail(ex, 400, "HTTP/1.1 request without a Host header")
+                return
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             pieces.extend((b"host: ", authority.encode("idna"), b"\r\n"))
         pieces[0] = b"%s %s HTTP/1.1\r\n" % (ex.method, target)
@@ -557,15 +625,12 @@ class Downstream(asyncio.Protocol):
             exc = TimeoutError()
         if exc is None:
             conn = task.result()
-            if self.closing or not self.queue or self.queue[0] is not ex:
-                self.shared.pool.release(conn)  # nobody waits for it any more
-            elif ex.connect:
-                self.transport.write(CONNECT_ESTABLISHED)  # type: ignore[union-attr]
-                ex.code = 200
-                self.start_tunnel(ex, conn, b"")
-            else:
-                conn.attach(ex, self)
-            return
+            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
+                self._use_new(ex, conn)
+                return
+            # Reset by the upstream before this callback ran: writing to it would raise
+            # and leave the client waiting for ever.
+            exc = ConnectionResetError("closed by the upstream as soon as it was accepted")
         if self.closing:
             return
         _, host, port = ex.target  # type: ignore[misc]
@@ -580,6 +645,21 @@ class Downstream(asyncio.Protocol):
         else:
             status, text = 502, f"upstream {where}: cannot connect ({exc})"
         self._fail(ex, status, text)
+
+    def _use_new(self, ex: Request, conn: UpstreamConnection) -> None:
+        """A new upstream connection is up: send ``ex`` on it, or give it back."""
+        if self.outbound and self.shared.loops_back(conn):
+            conn.transport.close()  # type: ignore[union-attr]
+            if not self.closing:
+                self._fail(ex, 508, "request addressed to the proxy itself")
+        elif self.closing or not self.queue or self.queue[0] is not ex:
+            self.shared.pool.release(conn)  # nobody waits for it any more
+        elif ex.connect:
+            self.transport.write(CONNECT_ESTABLISHED)  # type: ignore[union-attr]
+            ex.code = 200
+            self.start_tunnel(ex, conn, b"")
+        else:
+            conn.attach(ex, self)
 
     # ------------------------------------------------------------ called by the upstream side
 
@@ -676,7 +756,14 @@ class Downstream(asyncio.Protocol):
             self.response_broken(ex)
             return
         ex.code = status
-        keep = status in (502, 504) and ex.keep_alive and ex.complete and not self.shared.draining
+        # After a CONNECT or Upgrade head the parser only passes bytes through: no
+        # further request can be read, so the connection ends with the answer.
+        keep = (
+            status in (502, 504)
+            and ex.keep_alive
+            and ex.complete
+            and not (ex.connect or ex.upgrade or self.shared.draining)
+        )
         ex.keep_alive = keep
         if not self.closed:
             self.transport.write(error_response(status, text, keep))  # type: ignore[union-attr]

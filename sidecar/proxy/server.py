@@ -73,6 +73,7 @@ class Proxy:
         out_port = self._addresses["outbound"][1]
         for sock in self._servers["outbound"].sockets:
             shared.own.add((sock.getsockname()[0], out_port))
+            shared.listening.append((sock.getsockname()[0], out_port))
         if outbound.host in ("0.0.0.0", "::", ""):
             shared.own.update({("127.0.0.1", out_port), ("localhost", out_port), ("::1", out_port)})
         else:

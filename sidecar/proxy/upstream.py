@@ -32,6 +32,7 @@ from sidecar.proxy.exchange import (
     HOP_BY_HOP,
     IDEMPOTENT,
     LAST_CHUNK,
+    MAX_HEADER_BYTES,
     connection_tokens,
     drop_headers,
     extra_hop_headers,
@@ -87,6 +88,8 @@ class UpstreamConnection(asyncio.Protocol):
         "flow",
         "got",
         "hdone",
+        "head_bytes",
+        "head_of",
         "hooks",
         "idle_since",
         "keep",
@@ -125,6 +128,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.down: Downstream | None = None
         self.got = False  # bytes of the answer arrived
         self.out: list[bytes] = []  # bytes for the downstream, written once per read
+        self.head_of: list[bytes] | None = None  # the ``pieces`` that ``head_bytes`` counts for
+        self.head_bytes = 0
         # per response
         self.pieces: list[bytes] = _IDLE_PIECES
         self.code = 0
@@ -144,6 +149,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.flow = FlowControl(transport)
         local = transport.get_extra_info("sockname")
         remote = transport.get_extra_info("peername")
+        if local is None or remote is None:
+            # Reset by the upstream before the transport was made: nothing to count or
+            # tell the hooks; whoever connected sees a closing transport and fails.
+            transport.abort()  # type: ignore[attr-defined]
+            return
         # Interned: thousands of flows share a few addresses, not a string each.
         self.addrs = ((sys.intern(local[0]), local[1]), (sys.intern(remote[0]), remote[1]))
         self.pool.opened(self)
@@ -200,6 +210,22 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.out:
             self._flush()
+        elif not self.hdone and self.ex is not None:
+            self._count_head(len(data))
+
+    def _count_head(self, size: int) -> None:
+        """Bound a response head arriving over several reads, as the downstream does.
+
+        httptools keeps an unfinished header itself, so without this an upstream could
+        make it grow for ever. The count restarts with each head: ``_new_response``
+        makes a new ``pieces`` list, so no per-response reset is needed on the hot path.
+        """
+        if self.head_of is not self.pieces:
+            self.head_of = self.pieces
+            self.head_bytes = 0
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEADER_BYTES:
+            self._bad_response("response head larger than 64 KiB")
 
     # ------------------------------------------------------------ exchange
 
@@ -321,13 +347,20 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 keep_down = False  # an HTTP/1.0 client reads the body up to the close
         elif not self.length:
-            # Close-delimited: complete when the upstream closes, never reusable.
+            # Close-delimited: complete when the upstream closes, never reusable. A
+            # coding other than chunked (``te``, rare) stays named, or the client would
+            # take coded bytes for the content.
             self.eof_ends = True
             self.keep = False
             if ex.http11:
-                pieces.append(b"transfer-encoding: chunked\r\n")
+                if te is None:
+                    pieces.append(b"transfer-encoding: chunked\r\n")
+                else:
+                    pieces.extend((b"transfer-encoding: ", te, b", chunked\r\n"))
                 self.mode = 1
             else:
+                if te is not None:
+                    pieces.extend((b"transfer-encoding: ", te, b"\r\n"))
                 keep_down = False
         if not keep_down:
             pieces.append(b"connection: close\r\n\r\n")
@@ -374,8 +407,13 @@ class UpstreamConnection(asyncio.Protocol):
             out.clear()
         self.detach()
         if reusable and ex.complete and not self.closed:
+            # Pooled only after the downstream moved on: a pipelined request it starts
+            # now must not get this connection while llhttp may still be parsing bytes
+            # of this read that follow the response (an upstream sending too much).
+            down.response_done(ex)
             self.pool.release(self)
-        elif self.transport is not None:
+            return
+        if self.transport is not None:
             self.transport.close()
         down.response_done(ex)
 
@@ -516,6 +554,8 @@ class Pool:
                 _, conn = await self.loop.create_connection(
                     lambda: UpstreamConnection(self, key), sock=sock
                 )
+                if conn.addrs is None:  # reset between connect and the transport
+                    raise ConnectionResetError("closed by the upstream as soon as it was accepted")
                 return conn
             except BaseException as exc:
                 sock.close()

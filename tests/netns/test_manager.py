@@ -27,7 +27,7 @@ from sidecar.datapath.doctor import run_doctor
 from sidecar.datapath.manager import DatapathManager
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint, parse_policy
-from tests.netns.netnsutil import Flow, Lab, ip, run_child, servers, sysctl, tc
+from tests.netns.netnsutil import Flow, Lab, ip, run_child, sysctl, tc
 
 pytestmark = pytest.mark.root
 
@@ -120,37 +120,10 @@ class Topo:
 
     def assert_clean(self) -> None:
         assert tcm.present(self.point()) == []
-        assert "clsact" not in tc("qdisc", "show", "dev", "r-c", netns=self.router)
+        for dev in ("r-c", "r-s"):
+            assert "clsact" not in tc("qdisc", "show", "dev", dev, netns=self.router)
         assert self.our_rules() == []
         assert self.our_routes() == []
-
-
-@pytest.fixture(scope="module")
-def topo():
-    with Lab() as lab:
-        t = Topo(lab)
-        with servers(
-            (t.stable, SVC4, PORT, "stable"),
-            (t.canary, SVC4, PORT, "canary"),
-            (t.stable, SVC6, PORT, "stable"),
-            (t.canary, SVC6, PORT, "canary"),
-        ):
-            yield t
-
-
-@pytest.fixture
-def mgr_factory(topo):
-    made: list[DatapathManager] = []
-
-    def make(policy) -> DatapathManager:
-        m = DatapathManager(policy)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
-    topo.assert_clean()
 
 
 def fetch(topo: Topo, mgr: DatapathManager | None, color: str | None, svc: str) -> str:
