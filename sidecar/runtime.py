@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from sidecar.admin.metrics import KernelCollector, KernelSnapshot, ProxyMetrics
 from sidecar.coloring import Colorer
 from sidecar.errors import DatapathError, PolicyError
+from sidecar.memtrim import give_back_free_memory
 from sidecar.policy import Policy, check_pod_color, default_policy, parse_policy
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class Sidecar:
         await self.proxy.start(self.policy.outbound_listen, self.policy.inbound.listen)
         self.listening = True
         self.ready_at = time.time()
+        give_back_free_memory()  # what imports and the data path's hand-off left free
         log.info(
             "ready in %.2fs: color=%s outbound=%s inbound=%s admin=%s datapath=%s",
             self.ready_at - self.started_at,
@@ -270,6 +272,7 @@ class Sidecar:
                 }.items()
             },
             "open_flows": self.proxy.open_flows(),
+            "parked_flows": self.proxy.parked_flows(),
             "datapath": {
                 "enabled": self.dp_state.enabled,
                 "required": self.dp_state.required,

@@ -92,6 +92,72 @@ def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
     return (b"%x\r\n" % len(data), data, b"\r\n")
 
 
+# Response header lines the proxy acts on, each found by the CRLF that ends the line before
+# it. Only run over heads llhttp has accepted: CRLF line ends, no whitespace before a colon,
+# no folded lines and no lone CR, so these see the fields exactly as the parser did.
+_RESPONSE_FIELD = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|upgrade|proxy-authorization"
+    rb"|proxy-authenticate|transfer-encoding):[ \t]*([^\r]*)",
+    re.IGNORECASE,
+)
+# A cheaper first look, over the lower-cased lines, that finds every line
+# ``_RESPONSE_FIELD`` would (and a few more, such as Proxy-Status).
+_MAYBE_RESPONSE_FIELD = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-|t(?:e|railer|ransfer-encoding)|upgrade):"
+)
+# What most HTTP/1.1 servers (nginx among them) put in every keep-alive response.
+_KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
+_CONNECTION_PLAIN = frozenset({b"keep-alive", b"close"})
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:", re.IGNORECASE)
+
+
+def response_fields(block: bytes) -> tuple[bytes, bytes | None, bytes | None]:
+    """Split a response's header lines into those forwarded and those that frame it.
+
+    ``block`` runs from the status line's CRLF to the CRLF of the last header line, so
+    every line starts with CRLF and the block ends with one; the forwarded lines come
+    back in the same form. Returns (forwarded lines, Transfer-Encoding, Upgrade).
+    Hop-by-hop fields, those a ``Connection`` header names, and Transfer-Encoding (the
+    caller restates the framing it uses) are left out.
+
+    Works on the whole block at once, not a Python call per header: most responses
+    have no such field but nginx's ``Connection: keep-alive``, which goes first.
+    """
+    lines = block.replace(_KEEP_ALIVE_LINE, b"\r\n")
+    if _MAYBE_RESPONSE_FIELD.search(lines.lower()) is None:
+        return lines, None, None
+    parts = _RESPONSE_FIELD.split(lines)
+    kept = [parts[0]]
+    te: bytes | None = None
+    upgrade: bytes | None = None
+    extra: frozenset[bytes] | None = None
+    for i in range(1, len(parts), 3):
+        lname = parts[i].lower()
+        value = parts[i + 1].rstrip(b" \t")
+        if lname == b"transfer-encoding":
+            te = value if te is None else b"%s, %s" % (te, value)
+        elif lname == b"upgrade":
+            upgrade = value
+        elif lname == b"connection" and value.lower() not in _CONNECTION_PLAIN:
+            named = extra_hop_headers(connection_tokens(value))
+            if named:
+                extra = named if extra is None else extra | named
+        kept.append(parts[i + 2])
+    lines = b"".join(kept)
+    if extra:
+        lines = b"".join(
+            b"\r\n" + line
+            for line in lines.split(b"\r\n")[1:]
+            if line.partition(b":")[0].lower() not in extra
+        )
+    return lines, te, upgrade
+
+
+def has_content_length(lines: bytes) -> bool:
+    """Whether header lines in ``response_fields``' form carry a Content-Length."""
+    return _CONTENT_LENGTH.search(lines) is not None
+
+
 def drop_headers(pieces: list[bytes], names: frozenset[bytes], start: int = 1) -> list[bytes]:
     """Remove the named headers from a head kept as ``[name, b": ", value, b"\\r\\n", ...]``.
 
@@ -240,14 +306,17 @@ def header_line(name: bytes, value: bytes) -> bytes:
 def _status_lines() -> dict[int, bytes]:
     from http import HTTPStatus
 
-    return {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+    return {s.value: b"HTTP/1.1 %d %s" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
-_STATUS_LINES = _status_lines()
+# Without their CRLF: header lines follow, each starting with one (see ``response_fields``).
+# Looked up directly on the hot path; ``status_line`` for codes not in it.
+STATUS_LINES = _status_lines()
 
 
 def status_line(code: int) -> bytes:
-    """The response's status line: HTTP/1.1 (what the proxy speaks to clients) and the
-    standard reason phrase, which RFC 9112 section 4 tells clients to ignore anyway."""
-    line = _STATUS_LINES.get(code)
-    return line if line is not None else b"HTTP/1.1 %d \r\n" % code
+    """The response's status line, without its CRLF: HTTP/1.1 (what the proxy speaks to
+    clients) and the standard reason phrase, which RFC 9112 section 4 tells clients to
+    ignore anyway."""
+    line = STATUS_LINES.get(code)
+    return line if line is not None else b"HTTP/1.1 %d " % code

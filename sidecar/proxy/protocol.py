@@ -59,6 +59,8 @@ access_log = logging.getLogger("sidecar.access")
 _DEBUG = logging.DEBUG
 
 _EMPTY: dict[bytes, list[bytes]] = {}
+_EMPTY_NAMES: dict[bytes, bytes] = {}
+_EMPTY_ENDS: dict[str, bytes] = {}
 # Bytes of a request head that may sit unparsed across reads before it is refused.
 _MAX_PENDING_HEAD = MAX_REQUEST_LINE + MAX_HEADER_BYTES
 _AUTHORITY_CACHE = 4096  # distinct Host values remembered before the cache starts over
@@ -84,6 +86,10 @@ class _Stop(Exception):
     """Raised from a callback to stop parsing once the connection is being closed."""
 
 
+# A side's (special header names, captured header names, name cache, color endings).
+Side = tuple[frozenset[bytes], frozenset[bytes], dict[bytes, bytes], dict[str, bytes]]
+
+
 class Shared:
     """What every downstream connection of one ``Proxy`` shares."""
 
@@ -96,10 +102,9 @@ class Shared:
         self.own: set[tuple[str, int]] = set()  # our listening addresses: loop detection
         self.listening: list[tuple[str, int]] = []  # the outbound sockets' (ip, port)
         self.authorities: dict[bytes, tuple[str, int]] = {}  # Host value -> (host, port)
-        # Header name as received -> lower-case form if the side treats it specially, else
-        # b"", per side (outbound, inbound) of the current colorer; see ``Downstream.on_header``.
-        self._names_of: Colorer | None = None
-        self._names: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
+        # The current colorer's lookups per side (inbound, outbound); see ``side``.
+        self._sides_of: Colorer | None = None
+        self._sides: list[Side | None] = [None, None]
 
     def authority(self, value: bytes) -> tuple[str, int]:
         """Parse a Host header value and remember it: apps talk to few upstreams."""
@@ -124,12 +129,24 @@ class Shared:
                 return True
         return False
 
-    def names(self, colorer: Colorer, outbound: bool) -> dict[bytes, bytes]:
-        """The header-name cache of one side, started afresh when the colorer is swapped."""
-        if colorer is not self._names_of:
-            self._names_of = colorer
-            self._names = ({}, {})
-        return self._names[outbound]
+    def side(self, colorer: Colorer, outbound: bool) -> Side:
+        """The colorer-derived lookups of one side, made afresh when the colorer is swapped.
+
+        Shared by every connection of the side: made per connection they cost a few
+        hundred bytes each, for thousands of connections holding the same values.
+        """
+        if colorer is not self._sides_of:
+            self._sides_of = colorer
+            self._sides = [None, None]
+        side = self._sides[outbound]
+        if side is None:
+            capture = frozenset() if outbound else colorer.inbound_capture
+            special = HOP_BY_HOP | capture | {colorer.header, b"host", b"transfer-encoding"}
+            # names: header name as received -> lower-case form if special, else b"" (see
+            # ``Downstream.on_header``); color_ends: color -> its header line and the CRLF
+            # ending the head (see ``Downstream._color_end``).
+            side = self._sides[outbound] = (special, capture, {}, {})
+        return side
 
 
 class Request:
@@ -257,10 +274,11 @@ class Downstream(asyncio.Protocol):
         self.error_after: tuple[int, str] | None = None  # refusal waiting behind earlier answers
         # colorer-derived, refreshed when the lead swaps the colorer
         self.colorer: Colorer | None = None
+        # (Placeholders, never written: ``_adopt`` runs before the first request's head.)
         self.special: frozenset[bytes] = frozenset()
         self.capture: frozenset[bytes] = frozenset()
-        self.names: dict[bytes, bytes] = {}
-        self.color_ends: dict[str, bytes] = {}
+        self.names: dict[bytes, bytes] = _EMPTY_NAMES
+        self.color_ends: dict[str, bytes] = _EMPTY_ENDS
         # per request
         self.queue: deque[Request] = deque()  # answered in order; [0] is being answered
         self.cur: Request | None = None  # being parsed
@@ -288,6 +306,9 @@ class Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.closing = True
         self.shared.conns.discard(self)
+        # The parser holds this protocol for its callbacks: unlinked, both go now by
+        # reference count, not at a full collection after a burst has come and gone.
+        self.parser = None  # type: ignore[assignment]
         if self.tunnel is not None:
             self.tunnel.close()
             return
@@ -379,24 +400,21 @@ class Downstream(asyncio.Protocol):
 
     # ------------------------------------------------------------ httptools callbacks
 
-    def _begin(self) -> Request:
-        """A request starts (at its first URL bytes: httptools has no cheaper first callback)."""
-        if self.closing or self.error_after is not None:
-            raise _Stop
-        colorer = self.ctx.colorer
-        if colorer is not self.colorer:
-            self._adopt(colorer)
-        ex = self.cur = Request(self.loop.time())
-        self.queue.append(ex)
-        self.begun = True
-        self.fed = 0
-        self.phase = None
-        return ex
-
     def on_url(self, url: bytes) -> None:
         ex = self.cur
         if ex is None:
-            ex = self._begin()
+            # A request starts (at its first URL bytes: httptools has no cheaper first
+            # callback). Begun here rather than in a helper: one Python call less each.
+            if self.closing or self.error_after is not None:
+                raise _Stop
+            colorer = self.ctx.colorer
+            if colorer is not self.colorer:
+                self._adopt(colorer)
+            ex = self.cur = Request(self.loop.time())
+            self.queue.append(ex)
+            self.begun = True
+            self.fed = 0
+            self.phase = None
         elif ex.url:
             url = ex.url + url
         if len(url) > MAX_REQUEST_LINE:
@@ -514,17 +532,14 @@ class Downstream(asyncio.Protocol):
     def _adopt(self, colorer: Colorer) -> None:
         """Derive the per-colorer lookups once per colorer (the lead swaps it on reload)."""
         self.colorer = colorer
-        self.capture = frozenset() if self.outbound else colorer.inbound_capture
-        self.special = HOP_BY_HOP | self.capture | {colorer.header, b"host", b"transfer-encoding"}
-        self.names = self.shared.names(colorer, self.outbound)
-        self.color_ends = {}
+        self.special, self.capture, self.names, self.color_ends = self.shared.side(
+            colorer, self.outbound
+        )
 
     def _color_end(self, color: str) -> bytes:
-        """The color header line plus the end of the head, cached per color."""
-        line = self.color_ends.get(color)
-        if line is None:
-            header = self.colorer.header  # type: ignore[union-attr]
-            line = self.color_ends[color] = b"%s: %s\r\n\r\n" % (header, color.encode("ascii"))
+        """The color header line plus the end of the head, for a color not cached yet."""
+        header = self.colorer.header  # type: ignore[union-attr]
+        line = self.color_ends[color] = b"%s: %s\r\n\r\n" % (header, color.encode("ascii"))
         return line
 
     def _rare_head(self, ex: Request) -> None:
@@ -598,7 +613,8 @@ class Downstream(asyncio.Protocol):
         pieces[0] = b"%s %s HTTP/1.1\r\n" % (ex.method, target)
         if ex.upgrade:
             pieces.extend((b"upgrade: ", ex.upgrade_value, b"\r\nconnection: upgrade\r\n"))
-        pieces.append(self._color_end(color))
+        end = self.color_ends.get(color)
+        pieces.append(end if end is not None else self._color_end(color))
         ex.head = b"".join(pieces)
         ex.pieces = []
         key = ex.target = (color, host, port)

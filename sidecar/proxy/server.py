@@ -93,6 +93,12 @@ class Proxy:
         """color -> upstream connections open now (pooled, busy and tunnels)."""
         return self._shared.pool.counts() if self._shared is not None else {}
 
+    def parked_flows(self) -> int:
+        """Idle upstream flows held without a transport (see ``Pool``): open all the same."""
+        if self._shared is None:
+            return 0
+        return sum(len(parked) for parked in self._shared.pool.parked.values())
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish, then close everything.
 

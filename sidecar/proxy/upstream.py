@@ -5,9 +5,10 @@ kernel can route the whole flow by that color: the pool key starts with it,
 and the flow hooks hear about each connection exactly once when it opens and
 once when it closes, with the same 4-tuple.
 
-``UpstreamConnection`` parses responses with httptools' ``HttpResponseParser``;
-its callbacks collect the head, rebuild it without hop-by-hop headers and push
-bytes to the downstream as they come (one write per read from the upstream).
+``UpstreamConnection`` parses responses with httptools' ``HttpResponseParser``
+without a per-header callback: once llhttp has accepted a head, the raw head
+is rebuilt without hop-by-hop headers in one pass (``response_fields``), and
+bytes go to the downstream as they come (one write per read from the upstream).
 A connection answers one request at a time; when the response is complete it
 goes back to the pool or is closed, and the downstream hears ``response_done``.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import socket
 import sys
 from typing import TYPE_CHECKING, Any
@@ -28,15 +31,15 @@ from httptools import (
 )
 
 from sidecar.errors import UpstreamProtocolError
+from sidecar.memtrim import give_back_free_memory
 from sidecar.proxy.exchange import (
-    HOP_BY_HOP,
     IDEMPOTENT,
     LAST_CHUNK,
     MAX_HEADER_BYTES,
-    connection_tokens,
-    drop_headers,
-    extra_hop_headers,
+    STATUS_LINES,
+    has_content_length,
     is_chunked,
+    response_fields,
     status_line,
 )
 from sidecar.proxy.flow import PEER_FULL, FlowControl
@@ -51,18 +54,14 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str, int]  # (color, host, port)
 
 MAX_IDLE_PER_KEY = 256  # idle connections kept per pool key; more are closed on release
+# Idle connections per pool key that keep their transport when released; the rest,
+# and any idle across a whole sweep, are parked (see ``Pool``).
+HOT_IDLE_PER_KEY = 64
+# Transports closed by parking or sweeping since the last sweep before that sweep gives
+# their memory back to the kernel (see ``sidecar.memtrim``).
+TRIM_AFTER_CLOSED = 256
 
-# Response headers the callbacks look at; everything else is copied in order.
-_RESPONSE_SPECIAL = HOP_BY_HOP | {b"transfer-encoding", b"content-length"}
-_CONNECTION_PLAIN = frozenset({b"keep-alive", b"close"})
-# Header name as received -> its lower-case form if special, else b"": one dict lookup per
-# header instead of a ``lower()`` copy and a set lookup (upstreams repeat the same spellings).
-_RAW_NAMES: dict[bytes, bytes] = {}
-_RAW_NAMES_MAX = 1024  # distinct spellings remembered before the cache starts over
-# Pooled connections idle for a whole sweep give up their parser (issue 5: 10k idle flows
-# must fit the memory bar); ``attach`` makes one again (about 0.3 us). Busy connections
-# keep theirs, so the hot path pays nothing.
-_IDLE_PIECES: list[bytes] = []  # never written: ``_new_response`` replaces it before use
+_PARKED_EVENTS = select.EPOLLIN | select.EPOLLRDHUP  # data, FIN or RST: the upstream let go
 _KEYS_CACHE = 4096  # distinct pool keys shared between connections before the cache starts over
 
 
@@ -81,30 +80,27 @@ class UpstreamConnection(asyncio.Protocol):
         "addrs",
         "closed",
         "code",
+        "data",
         "down",
         "eof_ends",
         "ex",
-        "extra",
         "flow",
         "got",
         "hdone",
-        "head_bytes",
-        "head_of",
+        "head_at",
+        "held",
         "hooks",
         "idle_since",
         "keep",
         "key",
-        "length",
         "mode",
         "out",
+        "parked",
         "parser",
-        "pieces",
         "pool",
         "reused",
-        "te",
         "transport",
         "tunnel",
-        "upgrade",
         "write_paused",
     )
 
@@ -112,9 +108,10 @@ class UpstreamConnection(asyncio.Protocol):
         # global
         self.pool = pool
         self.key = key
-        self.parser: HttpResponseParser | None = None  # made by attach, dropped when idle
+        self.parser: HttpResponseParser | None = None  # made by attach, dropped when parked
         # per connection
         self.transport: asyncio.Transport | None = None
+        self.parked: int | None = None  # a duplicate of the socket's fd while it parks
         self.flow: FlowControl | None = None
         self.addrs: tuple[tuple[str, int], tuple[str, int]] | None = None
         self.hooks: Any = None  # the hooks object that heard flow_open, told flow_close
@@ -128,16 +125,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.down: Downstream | None = None
         self.got = False  # bytes of the answer arrived
         self.out: list[bytes] = []  # bytes for the downstream, written once per read
-        self.head_of: list[bytes] | None = None  # the ``pieces`` that ``head_bytes`` counts for
-        self.head_bytes = 0
+        # The read being parsed, and the bytes of a head that began in earlier reads: the
+        # head is taken from them when llhttp has accepted it (``on_headers_complete``).
+        self.data = b""
+        self.held = b""
+        self.head_at = 0  # where the head starts in ``held + data`` (after an interim 1xx)
         # per response
-        self.pieces: list[bytes] = _IDLE_PIECES
         self.code = 0
         self.hdone = False
-        self.length = False
-        self.te: bytes | None = None
-        self.upgrade: bytes | None = None
-        self.extra: frozenset[bytes] | None = None
         self.mode = 0  # 1: re-chunk the body for the client
         self.keep = False
         self.eof_ends = False
@@ -147,6 +142,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.flow = FlowControl(transport)
+        if self.addrs is not None:
+            return  # revived from the parked tier: the same flow, counted and told already
         local = transport.get_extra_info("sockname")
         remote = transport.get_extra_info("peername")
         if local is None or remote is None:
@@ -154,11 +151,14 @@ class UpstreamConnection(asyncio.Protocol):
             # tell the hooks; whoever connected sees a closing transport and fails.
             transport.abort()  # type: ignore[attr-defined]
             return
-        # Interned: thousands of flows share a few addresses, not a string each.
-        self.addrs = ((sys.intern(local[0]), local[1]), (sys.intern(remote[0]), remote[1]))
+        # Interned: thousands of flows share a few addresses, not a string (or a tuple) each.
+        self.addrs = ((sys.intern(local[0]), local[1]), self.pool.remote(remote))
         self.pool.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.parked is not None:
+            self.pool.settle(self)  # our own close, to park the socket it leaves open
+            return
         self.closed = True
         self.pool.lost(self)
         if self.tunnel is not None:
@@ -192,6 +192,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
             return
         self.got = True
+        self.data = data
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except HttpParserUpgrade as exc:
@@ -208,23 +209,20 @@ class UpstreamConnection(asyncio.Protocol):
         except HttpParserError as exc:
             self._bad_response(str(exc))
             return
+        if not self.hdone and self.ex is not None:
+            self._hold(data)
         if self.out:
             self._flush()
-        elif not self.hdone and self.ex is not None:
-            self._count_head(len(data))
 
-    def _count_head(self, size: int) -> None:
-        """Bound a response head arriving over several reads, as the downstream does.
-
-        httptools keeps an unfinished header itself, so without this an upstream could
-        make it grow for ever. The count restarts with each head: ``_new_response``
-        makes a new ``pieces`` list, so no per-response reset is needed on the hot path.
-        """
-        if self.head_of is not self.pieces:
-            self.head_of = self.pieces
-            self.head_bytes = 0
-        self.head_bytes += size
-        if self.head_bytes > MAX_HEADER_BYTES:
+    def _hold(self, data: bytes) -> None:
+        """Keep the start of a head that continues in the next read, up to the same bound
+        as a request head's; from the end of an interim 1xx head when one came first."""
+        held = self.held + data
+        if self.head_at:
+            held = held[self.head_at :]
+            self.head_at = 0
+        self.held = held
+        if len(held) > MAX_HEADER_BYTES:
             self._bad_response("response head larger than 64 KiB")
 
     # ------------------------------------------------------------ exchange
@@ -236,7 +234,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got = False
         if self.parser is None:
             self.parser = HttpResponseParser(self)
-        self._new_response()
+        self.hdone = False  # ``held`` and ``head_at`` were reset by the last final head
         ex.conn = self
         down.up = self
         if down.write_paused:
@@ -276,39 +274,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ httptools callbacks
 
-    def _new_response(self) -> None:
-        """Reset the per-response state (on attach, and after an interim 1xx head).
-
-        Done here rather than in an ``on_message_begin`` callback: one Python call
-        less per response on the hot path.
-        """
-        self.pieces = [b""]
-        self.hdone = False
-        self.length = False
-        self.te = None
-        self.upgrade = None
-        self.extra = None
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.hdone:
-            return  # a trailer; re-chunked bodies end without trailers
-        lname = _RAW_NAMES.get(name)
-        if lname is None:
-            lname = _special_name(name)
-        if lname:
-            if lname == b"content-length":
-                self.length = True
-                self.pieces.extend((name, b": ", value, b"\r\n"))
-            elif lname == b"transfer-encoding":
-                self.te = value
-            elif lname == b"upgrade":
-                self.upgrade = value
-            elif lname == b"connection" and value.lower() not in _CONNECTION_PLAIN:
-                extra = extra_hop_headers(connection_tokens(value))
-                if extra:
-                    self.extra = extra if self.extra is None else self.extra | extra
-        else:
-            self.pieces.extend((name, b": ", value, b"\r\n"))
+    # Trailers are not collected: without an ``on_header`` callback llhttp reads past
+    # them, and re-chunked bodies end without trailers.
 
     def on_headers_complete(self) -> None:
         ex: Request = self.ex  # type: ignore[assignment]
@@ -316,27 +283,34 @@ class UpstreamConnection(asyncio.Protocol):
             raise UpstreamProtocolError("response without a request")
         self.hdone = True
         code = self.code = self.parser.get_status_code()  # type: ignore[union-attr]
-        pieces = self.pieces
-        if self.extra:
-            pieces = drop_headers(pieces, self.extra)
-        pieces[0] = status_line(code)
+        # llhttp has accepted the head, so it is in these bytes with CRLF line ends.
+        held = self.held
+        raw = held + self.data if held else self.data
+        start = self.head_at
+        end = raw.find(b"\r\n\r\n", start) + 2
+        lines, te, upgrade = response_fields(raw[raw.find(b"\r\n", start) : end])
+        line = STATUS_LINES.get(code)
+        pieces = [line if line is not None else status_line(code), lines]
         if code < 200:
             if code == 101:
                 if not ex.upgrade:
                     raise UpstreamProtocolError("101 Switching Protocols to a plain request")
-                pieces.append(b"upgrade: %s\r\nconnection: upgrade\r\n\r\n" % (self.upgrade or b""))
+                pieces.append(b"upgrade: %s\r\nconnection: upgrade\r\n\r\n" % (upgrade or b""))
                 self.out.append(b"".join(pieces))
             elif ex.http11:  # interim (100 Continue, 103); HTTP/1.0 clients never see them
                 pieces.append(b"\r\n")
                 self.out.append(b"".join(pieces))
-            self._new_response()  # the final response follows on the same parser
+            self.hdone = False  # the final response follows on the same parser
+            self.head_at = end + 2
             return
+        if held or start:
+            self.held = b""
+            self.head_at = 0
         down: Downstream = self.down  # type: ignore[assignment]
         keep_down = ex.keep_alive and ex.complete and not ex.upgrade and not down.shared.draining
         self.keep = self.parser.should_keep_alive()  # type: ignore[union-attr]
         self.eof_ends = False
         self.mode = 0
-        te = self.te
         if code in (204, 304) or ex.method == b"HEAD":
             if te is not None:
                 pieces.extend((b"transfer-encoding: ", te, b"\r\n"))
@@ -346,10 +320,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self.mode = 1
             else:
                 keep_down = False  # an HTTP/1.0 client reads the body up to the close
-        elif not self.length:
-            # Close-delimited: complete when the upstream closes, never reusable. A
-            # coding other than chunked (``te``, rare) stays named, or the client would
-            # take coded bytes for the content.
+        elif not (self.keep or has_content_length(lines)):
+            # Close-delimited (llhttp keeps a connection only when it knows where the
+            # body ends, so a kept one has a Content-Length): complete when the upstream
+            # closes, never reusable. A coding other than chunked (``te``, rare) stays
+            # named, or the client would take coded bytes for the content.
             self.eof_ends = True
             self.keep = False
             if ex.http11:
@@ -472,20 +447,57 @@ class UpstreamConnection(asyncio.Protocol):
             down.response_broken(ex)
 
 
+class ParkedFlow:
+    """An idle upstream flow without a transport: what reviving or closing it needs.
+
+    Five slots instead of a connection's thirty and its transport, parser and
+    buffers: the difference, times ten thousand idle flows, is the memory bar.
+    """
+
+    __slots__ = ("addrs", "fd", "hooks", "idle_since", "key")
+
+    def __init__(self, conn: UpstreamConnection, fd: int) -> None:
+        self.key = conn.key
+        self.addrs = conn.addrs
+        self.hooks = conn.hooks
+        self.idle_since = conn.idle_since
+        self.fd = fd
+
+
+Flow = UpstreamConnection | ParkedFlow  # what ``Pool.open`` holds: one per open flow
+
+
 class Pool:
-    """Idle keep-alive connections per (color, host, port), and every open one."""
+    """Idle keep-alive connections per (color, host, port), and every open one.
+
+    Idle connections sit in two tiers. Hot ones keep their transport and parser and
+    serve the next request at once. The rest are parked: the socket stays open, so
+    the flow and its 4-tuple (and its entry in the kernel's flow map) live on, but
+    the transport is closed on a duplicate of its descriptor and the socket is
+    watched by one epoll of our own that the loop reads. A parked connection costs
+    a few hundred bytes instead of a few kilobytes (issue 5: 10k idle flows fit the
+    memory bar); reviving it makes a new transport on the same socket (tens of
+    microseconds, far less than a new TCP connection). A connection parks when more
+    than ``HOT_IDLE_PER_KEY`` are idle for its key, or when it stayed idle across a
+    whole sweep; data, FIN or RST on a parked socket closes it, as on an idle one.
+    """
 
     def __init__(self, ctx: ProxyContext, loop: asyncio.AbstractEventLoop) -> None:
         self.ctx = ctx
         self.loop = loop
-        self.idle: dict[Key, list[UpstreamConnection]] = {}
-        self.open: set[UpstreamConnection] = set()
+        self.idle: dict[Key, list[UpstreamConnection]] = {}  # hot, oldest first
+        self.parked: dict[Key, dict[ParkedFlow, None]] = {}  # oldest first
+        self.open: set[Flow] = set()
+        self._parked_fds: dict[int, ParkedFlow] = {}
+        self._epoll: select.epoll | None = None  # made with the first parked connection
         self.now = loop.time()  # advanced by the proxy's sweeper; stamps idle connections
         self.closed = False
         # 4-tuples told to the hooks before their connect finished -> (4-tuple, those hooks);
         # the connection adopts the tuple itself, so the hooks' records share it.
         self._registered: dict[tuple[tuple[str, int], tuple[str, int]], Any] = {}
         self._keys: dict[Key, Key] = {}  # one key tuple per upstream, shared by its connections
+        self._remotes: dict[tuple[str, int], tuple[str, int]] = {}
+        self._closed_since_trim = 0
 
     def take(self, key: Key) -> UpstreamConnection | None:
         """The most recently used idle connection for ``key`` (LIFO keeps few warm), or None."""
@@ -504,26 +516,40 @@ class Pool:
         stack = self.idle.get(conn.key)
         if stack is None:
             stack = self.idle[conn.key] = []
-        if len(stack) >= MAX_IDLE_PER_KEY:
+        parked = self.parked.get(conn.key)
+        if len(stack) + (len(parked) if parked else 0) >= MAX_IDLE_PER_KEY:
             conn.transport.close()  # type: ignore[union-attr]
             return
         conn.idle_since = self.now
-        conn.pieces = _IDLE_PIECES
-        stack.append(conn)
+        conn.data = b""  # the last read: not kept alive by an idle connection
+        if len(stack) >= HOT_IDLE_PER_KEY:
+            self.park(conn)
+        else:
+            stack.append(conn)
 
     async def connect(self, key: Key) -> UpstreamConnection:
-        """A new connection for ``key``; raises TimeoutError or OSError."""
+        """A revived parked connection for ``key``, else a new one.
+
+        Raises TimeoutError or OSError when a new one cannot be made.
+        """
+        parked = self.parked.get(key)
+        while parked:
+            conn = await self._revive(parked.popitem()[0])
+            if conn is not None:
+                return conn
         _, host, port = key
         key = self._keys.setdefault(key, key)
         if len(self._keys) > _KEYS_CACHE:
             self._keys.clear()
-        if self.ctx.hooks is not None:
-            return await asyncio.wait_for(self._connect_colored(key), self.ctx.timeouts.connect)
-        _, conn = await asyncio.wait_for(
-            self.loop.create_connection(lambda: UpstreamConnection(self, key), host, port),
-            self.ctx.timeouts.connect,
-        )
-        return conn
+        # A timeout scope, not ``wait_for``: no second task per connect (a burst of a
+        # thousand requests opens a thousand at once).
+        async with asyncio.timeout(self.ctx.timeouts.connect):
+            if self.ctx.hooks is not None:
+                return await self._connect_colored(key)
+            _, conn = await self.loop.create_connection(
+                lambda: UpstreamConnection(self, key), host, port
+            )
+            return conn
 
     async def _connect_colored(self, key: Key) -> UpstreamConnection:
         """Register the flow before its SYN leaves, then connect.
@@ -537,7 +563,12 @@ class Pool:
         """
         color, host, port = key
         hooks = self.ctx.hooks
-        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        try:  # an address literal needs no resolver thread
+            infos = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        except socket.gaierror:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         error: OSError = OSError(f"no address for {host}")
         for family, _, _, _, addr in infos:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -546,8 +577,8 @@ class Pool:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.bind((_source_address(family, addr), 0))
-                local = sock.getsockname()[:2]
-                registered = ((sys.intern(local[0]), local[1]), (sys.intern(addr[0]), addr[1]))
+                local = sock.getsockname()
+                registered = ((sys.intern(local[0]), local[1]), self.remote(addr))
                 self._registered[registered] = (registered, hooks)
                 _call_hook(hooks.flow_open, color, *registered)
                 await self.loop.sock_connect(sock, addr)
@@ -566,6 +597,16 @@ class Pool:
                 error = exc
         raise error
 
+    def remote(self, sockaddr: tuple) -> tuple[str, int]:
+        """``(host, port)`` of an upstream's socket address: one tuple shared by its flows."""
+        addr = (sockaddr[0], sockaddr[1])
+        shared = self._remotes.get(addr)
+        if shared is None:
+            if len(self._remotes) >= _KEYS_CACHE:
+                self._remotes.clear()
+            shared = self._remotes[addr] = (sys.intern(addr[0]), addr[1])
+        return shared
+
     # ------------------------------------------------------------ flow bookkeeping
 
     def opened(self, conn: UpstreamConnection) -> None:
@@ -581,13 +622,16 @@ class Pool:
             _call_hook(hooks.flow_open, color, *conn.addrs)  # type: ignore[misc]
             conn.hooks = hooks  # told even if it failed: it may have half-recorded the flow
 
-    def lost(self, conn: UpstreamConnection) -> None:
+    def lost(self, conn: Flow) -> None:
         if conn not in self.open:
             return
         self.open.discard(conn)
         stack = self.idle.get(conn.key)
         if stack and conn in stack:
             stack.remove(conn)
+        parked = self.parked.get(conn.key)
+        if parked:
+            parked.pop(conn, None)
         color = conn.key[0]
         self.ctx.metrics.flow_closed(color)
         hooks = conn.hooks
@@ -601,44 +645,132 @@ class Pool:
             out[conn.key[0]] = out.get(conn.key[0], 0) + 1
         return out
 
+    # ------------------------------------------------------------ the parked tier
+
+    def park(self, conn: UpstreamConnection) -> None:
+        """Close ``conn``'s transport but not its socket; ``settle`` parks it once closed."""
+        transport: asyncio.Transport = conn.transport  # type: ignore[assignment]
+        try:
+            conn.parked = os.dup(transport.get_extra_info("socket").fileno())
+        except (OSError, AttributeError):
+            transport.close()  # no socket to keep (closing already): an ordinary close
+            return
+        transport.close()
+        self._closed_since_trim += 1
+
+    def settle(self, conn: UpstreamConnection) -> None:
+        """The parking transport is gone: a ``ParkedFlow`` watches the socket it left."""
+        flow = ParkedFlow(conn, conn.parked)  # type: ignore[arg-type]
+        conn.parked = conn.transport = conn.flow = conn.parser = None
+        self.open.discard(conn)
+        self.open.add(flow)
+        if self.closed:
+            self._close_parked(flow)
+            return
+        try:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                self.loop.add_reader(self._epoll.fileno(), self._parked_events)
+            self._epoll.register(flow.fd, _PARKED_EVENTS)
+        except OSError:
+            log.exception("cannot watch a parked upstream connection; closing it")
+            self._close_parked(flow)
+            return
+        self._parked_fds[flow.fd] = flow
+        parked = self.parked.get(flow.key)
+        if parked is None:
+            parked = self.parked[flow.key] = {}
+        parked[flow] = None
+
+    async def _revive(self, flow: ParkedFlow) -> UpstreamConnection | None:
+        """A new connection object and transport on a parked flow's socket; None if gone."""
+        self._unwatch(flow)
+        conn = UpstreamConnection(self, flow.key)
+        conn.addrs, conn.hooks, conn.idle_since = flow.addrs, flow.hooks, flow.idle_since
+        conn.reused = True  # the upstream may have closed it just now: idempotent retry
+        self.open.discard(flow)
+        self.open.add(conn)
+        sock = socket.socket(fileno=flow.fd)
+        try:
+            await self.loop.create_connection(lambda: conn, sock=sock)
+        except OSError:
+            sock.close()
+            conn.closed = True
+            self.lost(conn)
+            return None
+        if conn.closed or conn.transport.is_closing():  # type: ignore[union-attr]
+            return None  # closed by the upstream meanwhile: its connection_lost tidies up
+        return conn
+
+    def _parked_events(self) -> None:
+        """Data, FIN or RST on parked sockets: close those flows."""
+        for fd, _ in self._epoll.poll(0):  # type: ignore[union-attr]
+            flow = self._parked_fds.get(fd)
+            if flow is not None:
+                self._close_parked(flow)
+
+    def _unwatch(self, flow: ParkedFlow) -> None:
+        if self._parked_fds.pop(flow.fd, None) is not None:
+            self._epoll.unregister(flow.fd)  # type: ignore[union-attr]
+        parked = self.parked.get(flow.key)
+        if parked:
+            parked.pop(flow, None)
+
+    def _close_parked(self, flow: ParkedFlow) -> None:
+        self._unwatch(flow)
+        os.close(flow.fd)
+        self.lost(flow)
+
     # ------------------------------------------------------------ upkeep
 
     def sweep(self, now: float, idle_timeout: float) -> None:
-        """Close connections idle for longer than ``idle_timeout`` (oldest sit at the bottom).
+        """Close connections idle for longer than ``idle_timeout``; park the long idle.
 
-        Connections already idle at the previous sweep drop their parser: they are the
+        Hot connections already idle at the previous sweep are parked: they are the
         long tail of a large pool, not the few that serve the next request.
         """
         before, self.now = self.now, now
         for stack in self.idle.values():
             while stack and now - stack[0].idle_since > idle_timeout:
                 stack.pop(0).transport.close()  # type: ignore[union-attr]
-            for conn in stack:
-                if conn.idle_since >= before:
-                    break  # newer ones sit above
-                conn.parser = None
+                self._closed_since_trim += 1
+            old = 0
+            while old < len(stack) and stack[old].idle_since < before:
+                old += 1  # newer ones sit above
+            if old:
+                for conn in stack[:old]:
+                    self.park(conn)
+                del stack[:old]
+        for parked in self.parked.values():
+            expired = []
+            for flow in parked:
+                if now - flow.idle_since <= idle_timeout:
+                    break  # newer ones follow
+                expired.append(flow)
+            for flow in expired:
+                self._close_parked(flow)
+        if self._closed_since_trim >= TRIM_AFTER_CLOSED:
+            self._closed_since_trim = 0
+            give_back_free_memory()
 
     def close_idle(self) -> None:
         for stack in self.idle.values():
             while stack:
                 stack.pop().transport.close()  # type: ignore[union-attr]
+        for parked in self.parked.values():
+            for flow in list(parked):
+                self._close_parked(flow)
 
     def close_all(self) -> None:
         self.closed = True
         self.close_idle()
         for conn in list(self.open):
-            if conn.transport is not None:
+            if isinstance(conn, UpstreamConnection) and conn.transport is not None:
                 conn.transport.close()
-
-
-def _special_name(name: bytes) -> bytes:
-    """Classify a response header name spelling not seen before, and remember it."""
-    lname = name.lower()
-    special = lname if lname in _RESPONSE_SPECIAL else b""
-    if len(_RAW_NAMES) >= _RAW_NAMES_MAX:
-        _RAW_NAMES.clear()
-    _RAW_NAMES[name] = special
-    return special
+        if self._epoll is not None:
+            self.loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
 
 
 def _call_hook(method: Any, color: str, local: tuple[str, int], remote: tuple[str, int]) -> None:

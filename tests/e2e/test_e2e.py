@@ -124,6 +124,34 @@ def test_counters_move_per_color(running):
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_a_parked_idle_flow_keeps_its_color_in_the_kernel(running, family):
+    """Idle pooled flows park (transport closed, socket kept) and come back marked.
+
+    Were the flow's kernel entry lost while parked, its packets would go unmarked
+    and the canary request below would reach the stable host.
+    """
+    topo, sc = running
+    assert request(topo, family, "canary").host == CANARY
+    deadline = time.monotonic() + 10
+    while True:
+        st = status_json(sc)
+        if st["parked_flows"] == sum(st["open_flows"].values()):
+            break  # every idle flow, this canary one included, is parked
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+    before_pkts = kernel_packets(sc, color="canary", hook="ingress")
+    answer = request(topo, family, "canary")
+    assert (answer.status, answer.color, answer.host) == (200, "canary", CANARY), answer
+    after = status_json(sc)
+    # The same flow served it: no new one opened, none added to the kernel's map.
+    assert after["open_flows"] == st["open_flows"]
+    assert after["datapath"]["flows"]["in_map"] == st["datapath"]["flows"]["in_map"]
+    assert after["parked_flows"] == st["parked_flows"] - 1
+    assert kernel_packets(sc, color="canary", hook="ingress") > before_pkts
+
+
+@pytest.mark.root
 def test_node_holds_one_rule_per_family_and_the_canary_table(running):
     topo, _ = running
     state = node_state(topo)

@@ -1,4 +1,4 @@
-"""The pure request decisions: targets, hop-by-hop headers, framing, error answers."""
+"""The pure exchange decisions: targets, hop-by-hop headers, framing, error answers."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from sidecar.proxy.exchange import (
     drop_headers,
     error_response,
     extra_hop_headers,
+    has_content_length,
     inbound_target,
     is_chunked,
     outbound_target,
     parse_authority,
+    response_fields,
     split_absolute,
 )
 from tests.proto.conftest import _Sock
@@ -135,6 +137,50 @@ def test_drop_headers_keeps_order_of_the_rest() -> None:
     for name, value in ((b"A", b"1"), (b"X-Trace", b"t"), (b"B", b"2")):
         pieces += [name, b": ", value, b"\r\n"]
     assert b"".join(drop_headers(pieces, frozenset({b"x-trace"}))) == b"LINE\r\nA: 1\r\nB: 2\r\n"
+
+
+def test_response_fields_forward_end_to_end_lines_in_order() -> None:
+    nginx = (
+        b"\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 100"
+        b'\r\nConnection: keep-alive\r\nETag: "1-64"\r\n'
+    )
+    lines, te, upgrade = response_fields(nginx)
+    assert lines == (
+        b'\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 100\r\nETag: "1-64"\r\n'
+    )
+    assert (te, upgrade) == (None, None)
+    assert has_content_length(lines)
+    assert response_fields(b"\r\n") == (b"\r\n", None, None)  # a status line alone
+
+
+def test_response_fields_drop_hop_by_hop_in_any_spelling() -> None:
+    block = (
+        b"\r\nKEEP-ALIVE: timeout=5\r\nA: 1\r\nproxy-connection: keep-alive"
+        b"\r\nTe: trailers\r\nTrailer: x-sum\r\nProxy-Status: cache; hit\r\nupgrade: h2c "
+        b"\r\nProxy-Authenticate: Basic\r\nX-Note: connection: close\r\nconnection: Upgrade\r\n"
+    )
+    lines, te, upgrade = response_fields(block)
+    # Proxy-Status (RFC 9209) is end to end; a value that reads like a header stays a value.
+    assert lines == b"\r\nA: 1\r\nProxy-Status: cache; hit\r\nX-Note: connection: close\r\n"
+    assert (te, upgrade) == (None, b"h2c")
+    assert not has_content_length(lines)
+
+
+def test_response_fields_drop_what_connection_names_but_never_the_framing() -> None:
+    block = (
+        b"\r\nConnection: close, X-Trace, content-length\r\nx-trace: t\r\nB: 2"
+        b"\r\ncontent-length: 2\r\nConnection: x-other\r\nX-Other: o\r\n"
+    )
+    lines, te, _ = response_fields(block)
+    assert lines == b"\r\nB: 2\r\ncontent-length: 2\r\n"
+    assert te is None and has_content_length(lines)
+
+
+def test_response_fields_join_transfer_codings_and_take_them_out() -> None:
+    block = b"\r\nTransfer-Encoding: gzip\r\nA: 1\r\ntransfer-encoding: chunked  \r\n"
+    lines, te, _ = response_fields(block)
+    assert lines == b"\r\nA: 1\r\n"
+    assert te == b"gzip, chunked" and is_chunked(te)
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 import requests
 
-from sidecar.proxy import Proxy
+from sidecar.proxy import Proxy, upstream
 from tests.proto.backend import Backend
 from tests.proto.conftest import (
     Conn,
@@ -178,28 +179,90 @@ async def test_stale_pooled_connection_is_retried_for_idempotent_requests(
     assert backend.paths()[-1] == "/pay" and backend.requests[-1].answered is False
 
 
-async def test_long_idle_pooled_connection_sheds_its_parser_and_is_reused(
+async def test_long_idle_pooled_connection_parks_and_serves_again_on_the_same_flow(
     make_proxy: MakeProxy, backend: Backend
 ) -> None:
     hooks = RecordingHooks()
     proxy = await make_proxy(hooks=hooks)
     pool = proxy._shared.pool  # type: ignore[union-attr]
     host = f"127.0.0.1:{backend.port}"
+    key = ("stable", "127.0.0.1", backend.port)
     conn = await Conn.open(port(proxy))
     await conn.send(request("GET", "/first", host))
     assert (await conn.response()).status == 200
-    (idle,) = [c for stack in pool.idle.values() for c in stack]
+    (idle,) = pool.idle[key]
     now = pool.now
-    pool.sweep(now + 1, idle_timeout=60)  # idle less than a whole sweep: keeps its parser
-    assert idle.parser is not None
-    pool.sweep(now + 2, idle_timeout=60)  # idle across a whole sweep: the parser goes
-    assert idle.parser is None
+    pool.sweep(now + 1, idle_timeout=60)  # idle less than a whole sweep: stays hot
+    assert pool.idle[key] == [idle] and not pool.parked
+    pool.sweep(now + 2, idle_timeout=60)  # idle across a whole sweep: parked
+    assert await until(lambda: len(pool.parked.get(key, {})) == 1, 2)
+    (parked,) = pool.parked[key]
+    assert not pool.idle[key] and idle.transport is None
+    # The flow lives on: the same 4-tuple, the socket open, nothing told the hooks it closed.
+    assert hooks.opened == [("stable", *parked.addrs)] and hooks.closed == []
+    assert len(backend.writers) == 1 and proxy.open_flows() == {"stable": 1}
+    assert sample(proxy, "traffic_color_upstream_flows", color="stable") == 1
     await conn.send(request("GET", "/second", host))
     resp = await conn.response()
-    conn.close()
     assert resp.status == 200 and json.loads(resp.body)["target"] == "/second"
-    assert len(hooks.opened) == 1  # the same flow served both requests
-    assert len({s.peer for s in backend.requests}) == 1
+    assert len(hooks.opened) == 1 and backend.connections == 1  # the same flow served both
+    assert not pool.parked[key] and len(pool.idle[key]) == 1
+    # Revived connections are as stale-prone as pooled ones: a keep-alive race is retried.
+    await conn.send(request("GET", "/arm-drop", host))
+    assert (await conn.response()).status == 200
+    pool.sweep(pool.now + 1, idle_timeout=60)
+    pool.sweep(pool.now + 1, idle_timeout=60)
+    assert await until(lambda: len(pool.parked.get(key, {})) == 1, 2)
+    await conn.send(request("GET", "/third", host))
+    resp = await conn.response()
+    conn.close()
+    assert resp.status == 200 and json.loads(resp.body)["target"] == "/third"
+    assert [s.answered for s in backend.requests[-2:]] == [False, True]
+    assert backend.connections == 2
+    await proxy.drain(1)
+    assert sorted(hooks.closed) == sorted(hooks.opened)
+
+
+async def test_idle_connections_beyond_the_hot_tier_park_and_close_when_the_upstream_does(
+    make_proxy: MakeProxy, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "HOT_IDLE_PER_KEY", 1)
+    hooks = RecordingHooks()
+    proxy = await make_proxy(hooks=hooks)
+    pool = proxy._shared.pool  # type: ignore[union-attr]
+    host = f"127.0.0.1:{backend.port}"
+    conns = [await Conn.open(port(proxy)) for _ in range(3)]
+    for c in conns:
+        await c.send(request("GET", "/hold?s=0.2", host))
+    assert [(await c.response()).status for c in conns] == [200, 200, 200]
+    key = ("stable", "127.0.0.1", backend.port)
+    assert await until(lambda: len(pool.parked.get(key, {})) == 2, 2)
+    assert len(pool.idle[key]) == 1 and proxy.open_flows() == {"stable": 3}
+    # The upstream goes away: parked flows end too, and the kernel hears of each.
+    await backend.close()
+    assert await until(lambda: len(hooks.closed) == 3, 2)
+    assert sorted(hooks.closed) == sorted(hooks.opened)
+    assert proxy.open_flows() == {} and not pool.parked[key]
+    assert sample(proxy, "traffic_color_upstream_flows", color="stable") == 0
+    for c in conns:
+        c.close()
+
+
+async def test_drain_closes_parked_connections(
+    make_proxy: MakeProxy, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "HOT_IDLE_PER_KEY", 0)  # every idle connection parks
+    hooks = RecordingHooks()
+    proxy = await make_proxy(hooks=hooks)
+    conn = await Conn.open(port(proxy))
+    await conn.send(request("GET", "/", f"127.0.0.1:{backend.port}"))
+    assert (await conn.response()).status == 200
+    conn.close()
+    pool = proxy._shared.pool  # type: ignore[union-attr]
+    assert await until(lambda: any(pool.parked.values()), 2)
+    await proxy.drain(1)
+    assert len(hooks.opened) == 1 and hooks.closed == hooks.opened
+    assert await until(lambda: not backend.writers, 2)  # the backend saw the socket close
 
 
 async def test_requests_session_survives_keep_alive_race(proxy: Proxy, backend: Backend) -> None:

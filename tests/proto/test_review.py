@@ -422,6 +422,44 @@ async def test_bytes_after_a_complete_response_never_answer_the_next_request(
     assert bodies == [b"ok", b"ok"]
 
 
+async def test_response_head_in_pieces_after_an_interim_one_arrives_whole(proxy: Proxy) -> None:
+    """A final head that starts in the read carrying a 103 and ends reads later keeps
+    every header, loses its hop-by-hop ones, and the next exchange starts clean."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            for n in range(2):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(  # one write: one read at the proxy
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConn"
+                )
+                for piece in (b"ection: keep-alive\r\nKeep-Al", b"ive: timeout=5\r\nX-B: %d\r" % n):
+                    await writer.drain()
+                    await asyncio.sleep(0.05)  # separate reads at the proxy
+                    writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b"\nContent-Length: 2\r\n\r\nok")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    up = server.sockets[0].getsockname()[1]
+    try:
+        conn = await Conn.open(port(proxy))
+        for n in range(2):
+            await conn.send(request("GET", "/", f"127.0.0.1:{up}"))
+            early = await conn.response(timeout=2)
+            assert early.status == 103 and early.getheader("link") == "</a.css>"
+            resp = await conn.response(timeout=2)
+            assert resp.status == 200 and resp.body == b"ok"
+            assert (resp.getheader("x-a"), resp.getheader("x-b")) == ("1", str(n))
+            assert resp.getheader("keep-alive") is None
+        conn.close()
+    finally:
+        server.close()
+
+
 async def test_endless_response_head_is_cut_off(proxy: Proxy) -> None:
     """A response head is bounded like a request head: 502, not unbounded buffering.
 
