@@ -11,10 +11,11 @@ All in one run on this machine, so the ratios compare like with like:
 
 For each: requests/s, p50, p99, CPU microseconds per request of the proxying
 process (utime+stime delta from /proc/PID/stat over the requests wrk counted),
-and the ratios to nginx; each the median of ``--rounds`` runs that visit the
-targets in turn. Exits 1 when the outbound side misses issue 2's bar. RSS of
-the sidecar after warm-up and after the load, and of the nginx proxy worker, is
-printed as a reference (issue 5).
+its user-space part (utime: the kernel's share is about the same for every
+proxy, so this is where they differ), and the ratios to nginx; each the median
+of ``--rounds`` runs that visit the targets in turn. Exits 1 when the outbound
+side misses issue 2's bar. RSS of the sidecar after warm-up and after the load,
+and of the nginx proxy worker, is printed as a reference (issue 5).
 
 The sidecar runs as its own process: ``python -m sidecar run`` when the runtime
 is usable, else ``python bench/http_bench.py --serve`` (a bare ``Proxy`` on uvloop).
@@ -113,6 +114,7 @@ class Result:
     requests: int
     errors: int
     cpu_us: float | None  # per request, of the proxying process
+    user_us: float | None = None  # the user-space part of it (the rest is the kernel's)
 
 
 def free_port() -> int:
@@ -131,9 +133,10 @@ def wait_port(port: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """A process's (user, kernel) CPU seconds so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
 
 
 def rss_kib(pid: int) -> int:
@@ -185,19 +188,23 @@ def run_wrk(
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency"]
     for h in headers:
         cmd += ["-H", h]
-    cpu0 = cpu_seconds(pid) if pid else 0.0
+    cpu0 = cpu_seconds(pid) if pid else (0.0, 0.0)
     out = subprocess.run(
         [*cmd, url], capture_output=True, text=True, timeout=seconds + 30, check=True
     ).stdout
-    cpu1 = cpu_seconds(pid) if pid else 0.0
+    cpu1 = cpu_seconds(pid) if pid else (0.0, 0.0)
     reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = {m.group(1): float(m.group(2)) * _UNIT[m.group(3)] for m in _LAT.finditer(out)}
     errs = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errs += int(non2xx.group(1)) if non2xx else 0
-    cpu = (cpu1 - cpu0) / reqs * 1e6 if pid and reqs else None
-    return Result("", rps, lat.get("50", 0.0), lat.get("99", 0.0), reqs, errs, cpu)
+    if pid and reqs:
+        user = (cpu1[0] - cpu0[0]) / reqs * 1e6
+        cpu: float | None = user + (cpu1[1] - cpu0[1]) / reqs * 1e6
+    else:
+        user = cpu = None
+    return Result("", rps, lat.get("50", 0.0), lat.get("99", 0.0), reqs, errs, cpu, user)
 
 
 def start_sidecar(
@@ -275,6 +282,7 @@ def ratio(a: float | None, b: float | None) -> str:
 def median_result(name: str, runs: list[Result]) -> Result:
     """One row from several runs of a target: medians, and errors and requests summed."""
     cpus = [r.cpu_us for r in runs if r.cpu_us is not None]
+    users = [r.user_us for r in runs if r.user_us is not None]
     return Result(
         name,
         statistics.median(r.rps for r in runs),
@@ -283,11 +291,12 @@ def median_result(name: str, runs: list[Result]) -> Result:
         sum(r.requests for r in runs),
         sum(r.errors for r in runs),
         statistics.median(cpus) if cpus else None,
+        statistics.median(users) if users else None,
     )
 
 
 def bench(
-    seconds: float, conns: int, threads: int, warmup: float, mode: str, rounds: int = 3
+    seconds: float, conns: int, threads: int, warmup: float, mode: str, rounds: int = 5
 ) -> dict:
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -381,13 +390,14 @@ def report(data: dict) -> str:
         f"load: {data['wrk']}, {data['rounds']} rounds in turn (medians); "
         f"sidecar: {data['sidecar']}",
         f"{'target':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
-        f"{'errors':>8}{'req/s vs nginx':>16}{'CPU vs nginx':>14}",
+        f"{'(user)':>8}{'errors':>8}{'req/s vs nginx':>16}{'CPU vs nginx':>14}",
     ]
     for r in results:
         cpu = f"{r.cpu_us:.1f}" if r.cpu_us is not None else "-"
+        user = f"{r.user_us:.1f}" if r.user_us is not None else "-"
         lines.append(
-            f"{r.name:<18}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{cpu:>12}{r.errors:>8}"
-            f"{ratio(r.rps, base.rps):>16}{ratio(r.cpu_us, base.cpu_us):>14}"
+            f"{r.name:<18}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{cpu:>12}{user:>8}"
+            f"{r.errors:>8}{ratio(r.rps, base.rps):>16}{ratio(r.cpu_us, base.cpu_us):>14}"
         )
     rss = data["rss_kib"]
     lines.append(
@@ -413,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "--serve", nargs=3, type=int, metavar=("OUT", "IN", "BACKEND"), help=argparse.SUPPRESS
     )
     ap.add_argument("--seconds", type=float, default=5.0, help="per run")
-    ap.add_argument("--rounds", type=int, default=3, help="runs of each target, in turn")
+    ap.add_argument("--rounds", type=int, default=5, help="runs of each target, in turn")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)

@@ -121,6 +121,7 @@ class Timeouts:
     idle: float = 60.0
     connect: float = 2.0
     upstream_idle: float = 30.0
+    upstream_read: float = 60.0
     drain: float = 10.0
 
 

@@ -59,6 +59,7 @@ access_log = logging.getLogger("sidecar.access")
 _DEBUG = logging.DEBUG
 
 _EMPTY: dict[bytes, list[bytes]] = {}
+_HOST = b"host"  # by identity: a Host spelling whose only handling is Host's (``_classify``)
 _EMPTY_NAMES: dict[bytes, bytes] = {}
 _EMPTY_ENDS: dict[str, bytes] = {}
 # Bytes of a request head that may sit unparsed across reads before it is refused.
@@ -102,6 +103,9 @@ class Shared:
         self.own: set[tuple[str, int]] = set()  # our listening addresses: loop detection
         self.listening: list[tuple[str, int]] = []  # the outbound sockets' (ip, port)
         self.authorities: dict[bytes, tuple[str, int]] = {}  # Host value -> (host, port)
+        # Whether access lines are logged: read per response, refreshed by the proxy's
+        # sweeper, so a level changed at run time applies within a second.
+        self.access_log = access_log.isEnabledFor(_DEBUG)
         # The current colorer's lookups per side (inbound, outbound); see ``side``.
         self._sides_of: Colorer | None = None
         self._sides: list[Side | None] = [None, None]
@@ -165,6 +169,7 @@ class Request:
         "extra",
         "head",
         "headers_done",
+        "hop",
         "host",
         "host_at",
         "hsize",
@@ -195,6 +200,7 @@ class Request:
         # Header names a Connection header declared hop-by-hop, plus ``_UNFRAMED``: the
         # rare cases share one slot so a common head pays a single check for both.
         self.extra: frozenset[bytes] | None = None
+        self.hop = False  # a hop-by-hop header came (see ``on_headers_complete``)
         self.method = b""
         self.http11 = True
         self.keep_alive = True
@@ -435,7 +441,14 @@ class Downstream(asyncio.Protocol):
         if lname is None:
             lname = self._classify(name)
         if lname:
-            self._special_header(ex, lname, name, value)
+            if lname is _HOST and ex.host is None:
+                # The one special header of most requests, recorded here as in
+                # ``_special_header`` but without a second Python call.
+                ex.host = value
+                ex.host_at = len(ex.pieces) + 2
+                ex.pieces.extend((name, b": ", value, b"\r\n"))
+            else:
+                self._special_header(ex, lname, name, value)
         else:
             ex.pieces.extend((name, b": ", value, b"\r\n"))
 
@@ -443,6 +456,8 @@ class Downstream(asyncio.Protocol):
         """A header name spelling not seen before: special (its lower-case form) or not (b"")."""
         lname = name.lower()
         special = lname if lname in self.special else b""
+        if special == b"host" and special not in self.capture and special != self.colorer.header:  # type: ignore[union-attr]
+            special = _HOST  # only Host's own handling applies: see ``on_header``
         names = self.names
         if len(names) >= _NAMES_CACHE:
             names.clear()
@@ -462,6 +477,7 @@ class Downstream(asyncio.Protocol):
                 ex.colors.append(value)
             return
         if lname in HOP_BY_HOP:
+            ex.hop = True
             if lname == b"connection":
                 extra = extra_hop_headers(connection_tokens(value))
                 if extra:
@@ -485,8 +501,11 @@ class Downstream(asyncio.Protocol):
         ex.headers_done = True
         parser = self.parser
         ex.method = method = parser.get_method()
-        ex.http11 = parser.get_http_version() == "1.1"
-        ex.keep_alive = parser.should_keep_alive()
+        ex.keep_alive = keep = parser.should_keep_alive()
+        # Without a Connection (or Proxy-Connection) header, llhttp keeps exactly the
+        # HTTP/1.1 requests: its answer tells the version, and ``get_http_version`` (a
+        # ``str.format`` in httptools, 3% of a request's instructions) is skipped.
+        ex.http11 = parser.get_http_version() == "1.1" if ex.hop else keep
         if method == b"CONNECT":
             ex.connect = True
         elif parser.should_upgrade():
@@ -690,7 +709,7 @@ class Downstream(asyncio.Protocol):
             queue.popleft()
         seconds = self.loop.time() - ex.t0
         self.ctx.metrics.request(self.direction, ex.color, ex.code, seconds)
-        if access_log.isEnabledFor(_DEBUG):
+        if self.shared.access_log:
             self._log(ex, seconds)
         self.served = True
         self.phase = None
@@ -813,7 +832,7 @@ class Downstream(asyncio.Protocol):
     def _count(self, ex: Request) -> None:
         seconds = self.loop.time() - ex.t0
         self.ctx.metrics.request(self.direction, ex.color, ex.code, seconds)
-        if access_log.isEnabledFor(_DEBUG):
+        if self.shared.access_log:
             self._log(ex, seconds)
 
     def _log(self, ex: Request, seconds: float) -> None:
@@ -837,7 +856,8 @@ class Downstream(asyncio.Protocol):
     # ------------------------------------------------------------ upkeep
 
     def sweep(self, now: float, timeouts: Timeouts) -> None:
-        """Called by the proxy's sweeper: header-read and idle timeouts, no timer per request.
+        """Called by the proxy's sweeper: header-read, idle and upstream-read timeouts, no
+        timer per request.
 
         ``phase`` is what the connection waits for; it is reset by the hot path when
         a request starts or ends, and the sweeper stamps ``since`` when it sees a
@@ -863,6 +883,7 @@ class Downstream(asyncio.Protocol):
             self.since = now
             return
         if phase == _BUSY:
+            self._sweep_busy(now, timeouts.upstream_read)
             return
         limit = timeouts.header_read if phase == _HEAD else timeouts.idle
         if now - self.since <= limit:
@@ -878,3 +899,24 @@ class Downstream(asyncio.Protocol):
             if self.tunnel is not None:
                 self.tunnel.close()
             self._close()
+
+    def _sweep_busy(self, now: float, limit: float) -> None:
+        """A request waits on its upstream: give up on one silent for ``limit`` seconds.
+
+        Any bytes from the upstream restart the clock (the time between reads, as
+        nginx's ``proxy_read_timeout``), and so does an upstream this side stopped
+        reading because the client is slow to take the response.
+        """
+        ex = self.queue[0]
+        up = ex.conn
+        if up is None:
+            return  # connecting, under the connect timeout
+        if up.rx or up.flow.mask:  # type: ignore[union-attr]
+            up.rx = False
+            self.since = now
+            return
+        if now - self.since <= limit:
+            return
+        host, port = ex.target[1], ex.target[2]  # type: ignore[index]
+        log.info("upstream %s:%d sent nothing for %gs; giving up on it", host, port, limit)
+        self._fail(ex, 504, f"upstream {host}:{port} sent nothing for {limit:g}s")

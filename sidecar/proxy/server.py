@@ -16,7 +16,7 @@ from typing import Protocol
 from sidecar.admin.metrics import ProxyMetrics
 from sidecar.coloring import Colorer
 from sidecar.policy import Address, Timeouts
-from sidecar.proxy.protocol import Downstream, Shared
+from sidecar.proxy.protocol import Downstream, Shared, access_log
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class ProxyContext:
 
 def sweep_interval(t: Timeouts) -> float:
     """How often the sweeper looks: a quarter of the shortest timeout, within [5 ms, 1 s]."""
-    return min(1.0, max(0.005, min(t.header_read, t.idle, t.upstream_idle) / 4))
+    shortest = min(t.header_read, t.idle, t.upstream_idle, t.upstream_read)
+    return min(1.0, max(0.005, shortest / 4))
 
 
 class Proxy:
@@ -154,5 +155,6 @@ class Proxy:
                 for conn in list(shared.conns):
                     conn.sweep(now, timeouts)
                 shared.pool.sweep(now, timeouts.upstream_idle)
+                shared.access_log = access_log.isEnabledFor(logging.DEBUG)
             except Exception:
                 log.exception("proxy sweeper failed; continuing")

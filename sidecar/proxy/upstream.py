@@ -99,6 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "pool",
         "reused",
+        "rx",
         "transport",
         "tunnel",
         "write_paused",
@@ -124,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex: Request | None = None
         self.down: Downstream | None = None
         self.got = False  # bytes of the answer arrived
+        self.rx = False  # bytes arrived since the downstream's sweep last looked
         self.out: list[bytes] = []  # bytes for the downstream, written once per read
         # The read being parsed, and the bytes of a head that began in earlier reads: the
         # head is taken from them when llhttp has accepted it (``on_headers_complete``).
@@ -191,7 +193,7 @@ class UpstreamConnection(asyncio.Protocol):
             log.debug("upstream %s:%d sent bytes while idle; closing it", *self.key[1:])
             self.transport.close()  # type: ignore[union-attr]
             return
-        self.got = True
+        self.got = self.rx = True
         self.data = data
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]

@@ -264,6 +264,19 @@ async def until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
     return True
 
 
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def upstream(serve: Serve) -> AsyncIterator[int]:
+    """A loopback upstream that runs ``serve`` for each connection; yields its port."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
 @contextlib.asynccontextmanager
 async def stuck_listener() -> AsyncIterator[int]:
     """A port whose accept queue is full, so new connects hang (for connect timeouts)."""

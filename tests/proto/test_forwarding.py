@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.request
 
 import pytest
@@ -166,6 +167,19 @@ async def test_inbound_trusted_known_color_is_kept(proxy: Proxy, backend: Backen
     assert colors_seen(backend) == ["canary"]
 
 
+async def test_inbound_rule_on_the_host_header(make_proxy: MakeProxy, backend: Backend) -> None:
+    """A virtual host can pick the lane: Host is read by the rules and still forwarded."""
+    policy = INBOUND_RULES.replace('name: x-beta, value: "yes"', "name: host, value: beta.shop")
+    proxy = await make_proxy(policy=policy, color="stable")
+    conn = await Conn.open(port(proxy, "inbound"))
+    for host, color in (("beta.shop", "canary"), ("www.shop", "stable")):
+        await conn.send(request("GET", "/", host))
+        assert (await conn.response()).status == 200
+        assert colors_seen(backend) == [color]
+        assert backend.requests[-1].header("host") == [host]
+    conn.close()
+
+
 async def test_inbound_untrusted_color_goes_to_rules_then_pod_color(
     make_proxy: MakeProxy, backend: Backend
 ) -> None:
@@ -222,6 +236,30 @@ async def test_http10_client(proxy: Proxy, backend: Backend) -> None:
         resp = await conn.response()
         assert resp.status == 200 and resp.getheader("connection") == "keep-alive"
     conn.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "header"),
+    [
+        ("1.0", ""),
+        ("1.0", "Connection: keep-alive\r\n"),
+        ("1.0", "Proxy-Connection: keep-alive\r\n"),
+        ("1.1", "Connection: close\r\n"),
+        ("1.1", "Proxy-Connection: close\r\n"),
+    ],
+)
+async def test_only_http11_clients_get_a_chunked_body(
+    proxy: Proxy, backend: Backend, version: str, header: str
+) -> None:
+    """The version decides the framing, whatever the keep-alive headers say."""
+    host = f"127.0.0.1:{backend.port}"
+    req = f"GET http://{host}/chunked?n=3 HTTP/{version}\r\nHost: {host}\r\n{header}\r\n"
+    out = await raw(port(proxy), req.encode(), timeout=5)
+    head, _, body = out.partition(b"\r\n\r\n")
+    chunked = b"transfer-encoding: chunked" in head.lower()
+    assert chunked is (version == "1.1"), head
+    if not chunked:
+        assert echo(body)["target"] == "/chunked?n=3"
 
 
 async def test_pipelined_requests_are_answered_in_order(proxy: Proxy, backend: Backend) -> None:
@@ -413,3 +451,30 @@ async def test_hop_by_hop_headers_are_removed(proxy: Proxy, backend: Backend) ->
     # The backend's "keep-alive: timeout=5" response header is hop-by-hop too.
     assert resp.getheader("keep-alive") is None
     assert resp.getheader("content-type") == "application/json"
+
+
+# ---------------------------------------------------------------- access log
+
+
+async def test_access_log_follows_the_level_set_at_run_time(
+    proxy: Proxy, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Access lines appear once ``sidecar.access`` is at DEBUG, without a restart."""
+    host = f"127.0.0.1:{backend.port}"
+    conn = await Conn.open(port(proxy))
+    await conn.send(request("GET", "/quiet", host))
+    assert (await conn.response()).status == 200
+    assert not [r for r in caplog.records if r.name == "sidecar.access"]
+    caplog.set_level(logging.DEBUG, logger="sidecar.access")
+    lines: list[str] = []
+    for _ in range(40):  # the sweeper looks again within half a second here
+        await conn.send(request("GET", "/loud", host))
+        assert (await conn.response()).status == 200
+        lines = [r.getMessage() for r in caplog.records if r.name == "sidecar.access"]
+        if lines:
+            break
+        await asyncio.sleep(0.05)
+    conn.close()
+    assert lines, "no access line within two seconds"
+    assert lines[0].startswith("outbound ")
+    assert f"GET /loud {host} color=stable -> 200" in lines[0]

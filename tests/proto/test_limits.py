@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
 from sidecar.policy import Address, Timeouts
 from sidecar.proxy import Proxy
 from tests.proto.backend import Backend
-from tests.proto.conftest import Conn, MakeProxy, curl, port, raw, request, sample, stuck_listener
+from tests.proto.conftest import (
+    Conn,
+    MakeProxy,
+    curl,
+    port,
+    raw,
+    request,
+    sample,
+    stuck_listener,
+    upstream,
+)
 
 
 def status_of(out: bytes) -> int:
@@ -237,3 +249,76 @@ async def test_upstream_dying_before_its_head_is_502(proxy: Proxy, backend: Back
         port(proxy), request("GET", "/die-head", f"127.0.0.1:{backend.port}"), half_close=True
     )
     assert status_of(out) == 502
+
+
+# ---------------------------------------------------------------- silent upstreams
+
+READ = Timeouts(header_read=5.0, idle=5.0, connect=2.0, upstream_idle=5.0, upstream_read=0.5)
+
+
+@contextlib.asynccontextmanager
+async def scripted_upstream(*steps: bytes | float) -> AsyncIterator[int]:
+    """An upstream that reads a request head, then writes bytes and sleeps as told,
+    then holds the connection open without a word."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            for step in steps:
+                if isinstance(step, bytes):
+                    writer.write(step)
+                    await writer.drain()
+                else:
+                    await asyncio.sleep(step)
+            await reader.read()  # until the proxy lets go
+        writer.close()
+
+    async with upstream(serve) as port_:
+        yield port_
+
+
+async def test_silent_upstream_is_504_and_the_client_connection_goes_on(
+    make_proxy: MakeProxy, backend: Backend
+) -> None:
+    proxy = await make_proxy(timeouts=READ)
+    async with scripted_upstream() as up:
+        conn = await Conn.open(port(proxy))
+        t0 = asyncio.get_running_loop().time()
+        await conn.send(request("GET", "/", f"127.0.0.1:{up}"))
+        resp = await conn.response(timeout=5)
+        waited = asyncio.get_running_loop().time() - t0
+        assert resp.status == 504
+        assert f"upstream 127.0.0.1:{up} sent nothing for 0.5s".encode() in resp.body
+        assert 0.5 <= waited < 2  # the sweeper looks at least every 0.125 s here
+        # The client's keep-alive connection is still good for the next request.
+        await conn.send(request("GET", "/after", f"127.0.0.1:{backend.port}"))
+        assert (await conn.response()).status == 200
+        conn.close()
+    assert (
+        sample(
+            proxy, "traffic_color_requests_total", direction="outbound", color="stable", code="504"
+        )
+        == 1
+    )
+
+
+async def test_upstream_stalling_mid_body_cuts_the_client_off(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(timeouts=READ)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"
+    async with scripted_upstream(head) as up:
+        out = await raw(port(proxy), request("GET", "/", f"127.0.0.1:{up}"), timeout=5)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert out.endswith(b"\r\n\r\nhalf")  # closed after what came: never a faked ending
+
+
+async def test_slow_upstream_that_keeps_sending_is_not_cut(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(timeouts=READ)
+    steps: list[bytes | float] = [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"]
+    for byte in (b"a", b"b", b"c", b"d", b"e"):
+        steps += [0.3, byte]  # 1.5 s in all, never 0.5 s silent
+    async with scripted_upstream(*steps) as up:
+        conn = await Conn.open(port(proxy))
+        await conn.send(request("GET", "/", f"127.0.0.1:{up}"))
+        resp = await conn.response(timeout=5)
+        conn.close()
+    assert resp.status == 200 and resp.body == b"abcde"

@@ -27,6 +27,7 @@ from tests.proto.conftest import (
     request,
     sample,
     until,
+    upstream,
 )
 
 
@@ -46,11 +47,8 @@ async def canned_upstream(answer: bytes) -> AsyncIterator[int]:
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
+    async with upstream(serve) as port_:
+        yield port_
 
 
 # ---------------------------------------------------------------- Connection vs framing

@@ -40,7 +40,7 @@ FULL = textwrap.dedent("""\
       listen: "127.0.0.1:15001"
     admin:
       listen: "[::]:15090"
-    timeouts: {header_read: 5, idle: 30.5}
+    timeouts: {header_read: 5, idle: 30.5, upstream_read: 15}
     datapath:
       enabled: true
       required: false
@@ -82,6 +82,7 @@ def test_full_policy_parses_into_the_model() -> None:
     assert (split_rule.sticky_key.source, split_rule.sticky_key.name) == ("header", "x-user-id")
     assert str(p.admin_listen) == "[::]:15090"
     assert p.timeouts.header_read == 5.0 and p.timeouts.drain == 10.0
+    assert p.timeouts.upstream_read == 15.0
     dp = p.datapath
     assert dp.enabled and dp.flow_table_size == 1024
     assert dp.attach[1].netns == "/var/run/netns/node"
