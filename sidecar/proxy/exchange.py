@@ -96,8 +96,7 @@ def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
 # it. Only run over heads llhttp has accepted: CRLF line ends, no whitespace before a colon,
 # no folded lines and no lone CR, so these see the fields exactly as the parser did.
 _RESPONSE_FIELD = re.compile(
-    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|upgrade|proxy-authorization"
-    rb"|proxy-authenticate|transfer-encoding):[ \t]*([^\r]*)",
+    rb"\r\n(%s):[ \t]*([^\r]*)" % b"|".join(sorted(HOP_BY_HOP | {b"transfer-encoding"})),
     re.IGNORECASE,
 )
 # A cheaper first look, over the lower-cased lines, that finds every line

@@ -631,9 +631,6 @@ class Pool:
         stack = self.idle.get(conn.key)
         if stack and conn in stack:
             stack.remove(conn)
-        parked = self.parked.get(conn.key)
-        if parked:
-            parked.pop(conn, None)
         color = conn.key[0]
         self.ctx.metrics.flow_closed(color)
         hooks = conn.hooks
