@@ -1,14 +1,16 @@
 """Prometheus metrics of the proxy and the data path.
 
 Each sidecar owns a registry (tests run several in one process). The proxy's
-series are plain Python numbers kept per label tuple and turned into metric
-families only at scrape time, by ``ProxyMetrics.collect``: a request then costs
-one dict lookup, two integer increments, a ``bisect`` and a float add (well
-under a microsecond), where prometheus_client's ``Histogram.observe`` walks the
-buckets in Python and takes a lock per increment. The event loop is the only
-writer; the scrape may run in another thread, so it reads copies (a dict or
-list copy is one step under the GIL), and at worst a scrape sees a request
-counted but not yet timed, which the next scrape sets right.
+series are plain Python numbers, kept per direction (``DirectionCounts``, which
+each side of the proxy holds) and keyed by color, then code, and turned into
+metric families only at scrape time, by ``ProxyMetrics.collect``: a request then
+costs two dict lookups, two integer increments, a ``bisect`` and a float add,
+with no label tuple built or hashed, where prometheus_client's
+``Histogram.observe`` walks the buckets in Python and takes a lock per
+increment. The event loop is the only writer; the scrape may run in another
+thread, so it reads copies (a dict or list copy is one step under the GIL), and
+at worst a scrape sees a request counted but not yet timed, which the next
+scrape sets right.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from sidecar.coloring import REASONS
 
 # ``*_created`` series double every scrape and no dashboard reads them.
 disable_created_metrics()
@@ -65,46 +69,56 @@ FLOWS = ("traffic_color_upstream_flows", "Upstream TCP connections open, by colo
 RELOADS = ("traffic_color_policy_reloads_total", "Policy reloads, by result.")
 
 
-class ProxyMetrics(Collector):
-    """The proxy's counters as plain numbers, exported by ``collect`` at scrape time.
+class DirectionCounts:
+    """The request and rewrite counts of one direction, written by that side's hot path."""
 
-    Series appear once their label set is first used, as prometheus_client's
-    labelled metrics do. Only the event loop writes; see the module docstring.
-    """
+    __slots__ = ("histograms", "requests", "rewrites")
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        # (direction, color, code) -> [count, histogram cell of (direction, color)]
-        self._req: dict[tuple[str, str, int], list] = {}
-        # (direction, color) -> [count per bucket (not cumulative; +Inf last), sum]
-        self._hist: dict[tuple[str, str], list] = {}
-        self._rew: dict[tuple[str, str], int] = {}
-        self._flows: dict[str, int] = {}
-        self._reloads: dict[str, int] = {}
-        self.registry.register(self)
+    def __init__(self) -> None:
+        # color -> code -> [count, the color's histogram]
+        self.requests: dict[str, dict[int, list]] = {}
+        # color -> [count per bucket (not cumulative; +Inf last), sum]
+        self.histograms: dict[str, list] = {}
+        # Every reason the colorer gives, from the start: the proxy adds to
+        # ``rewrites[reason]`` in place (no call), and each series reads 0 before
+        # its first rewrite, as Prometheus advises for label values known up front.
+        self.rewrites: dict[str, int] = dict.fromkeys(REASONS, 0)
 
-    # ------------------------------------------------------------ hot path
-
-    def request(self, direction: str, color: str, code: int, seconds: float) -> None:
-        cell = self._req.get((direction, color, code))
+    def request(self, color: str, code: int, seconds: float) -> None:
+        codes = self.requests.get(color)
+        cell = codes.get(code) if codes is not None else None
         if cell is None:
-            cell = self._new_request(direction, color, code)
+            cell = self._new_request(color, code)
         cell[0] += 1
         hist = cell[1]
         hist[bisect_left(DURATION_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
         hist[_SUM] += seconds
 
-    def _new_request(self, direction: str, color: str, code: int) -> list:
-        hist = self._hist.get((direction, color))
+    def _new_request(self, color: str, code: int) -> list:
+        hist = self.histograms.get(color)
         if hist is None:
-            hist = [0] * _SUM + [0.0]
-            self._hist[(direction, color)] = hist
-        cell = self._req[(direction, color, code)] = [0, hist]
+            hist = self.histograms[color] = [0] * _SUM + [0.0]
+        cell = self.requests.setdefault(color, {})[code] = [0, hist]
         return cell
 
-    def rewrite(self, direction: str, reason: str) -> None:
-        key = (direction, reason)
-        self._rew[key] = self._rew.get(key, 0) + 1
+
+class ProxyMetrics(Collector):
+    """The proxy's counters as plain numbers, exported by ``collect`` at scrape time.
+
+    Request series appear once their label set is first used, as prometheus_client's
+    labelled metrics do. Only the event loop writes; see the module docstring.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.directions = {"outbound": DirectionCounts(), "inbound": DirectionCounts()}
+        self._flows: dict[str, int] = {}
+        self._reloads: dict[str, int] = {}
+        self.registry.register(self)
+
+    def direction(self, name: str) -> DirectionCounts:
+        """The counts one side of the proxy writes (``outbound`` or ``inbound``)."""
+        return self.directions[name]
 
     def flow_opened(self, color: str) -> None:
         self._flows[color] = self._flows.get(color, 0) + 1
@@ -124,9 +138,18 @@ class ProxyMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # Copies first: the loop thread may add a label set while this runs.
-        req = {k: v[0] for k, v in self._req.copy().items()}
-        hist = {k: v[:] for k, v in self._hist.copy().items()}
-        return self._families(req, hist, self._rew.copy(), self._flows.copy(), self._reloads.copy())
+        req: dict[tuple[str, str, int], int] = {}
+        hist: dict[tuple[str, str], list] = {}
+        rew: dict[tuple[str, str], int] = {}
+        for direction, counts in self.directions.items():
+            for color, codes in counts.requests.copy().items():
+                for code, cell in codes.copy().items():
+                    req[(direction, color, code)] = cell[0]
+            for color, cells in counts.histograms.copy().items():
+                hist[(direction, color)] = cells[:]
+            for reason, n in counts.rewrites.copy().items():
+                rew[(direction, reason)] = n
+        return self._families(req, hist, rew, self._flows.copy(), self._reloads.copy())
 
     @staticmethod
     def _families(

@@ -100,12 +100,16 @@ _RESPONSE_FIELD = re.compile(
     re.IGNORECASE,
 )
 # A cheaper first look, over the lower-cased lines, that finds every line
-# ``_RESPONSE_FIELD`` would (and a few more, such as Proxy-Status).
-_MAYBE_RESPONSE_FIELD = re.compile(
+# ``_RESPONSE_FIELD`` would (and a few more, such as Proxy-Status): where it finds none,
+# ``response_fields`` would give the lines back unchanged, so the hot path calls this
+# instead (a C call, where ``response_fields`` is a Python one).
+may_have_response_field = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-|t(?:e|railer|ransfer-encoding)|upgrade):"
-)
-# What most HTTP/1.1 servers (nginx among them) put in every keep-alive response.
-_KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
+).search
+# How most HTTP/1.1 servers (nginx among them) end a keep-alive response head: the hot
+# path cuts this line off (``lines[:KEEP_ALIVE_CUT]`` keeps the CRLF before it) first.
+KEEP_ALIVE_LAST = b"\r\nConnection: keep-alive\r\n"
+KEEP_ALIVE_CUT = 2 - len(KEEP_ALIVE_LAST)
 _CONNECTION_PLAIN = frozenset({b"keep-alive", b"close"})
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:", re.IGNORECASE)
 
@@ -119,13 +123,13 @@ def response_fields(block: bytes) -> tuple[bytes, bytes | None, bytes | None]:
     Hop-by-hop fields, those a ``Connection`` header names, and Transfer-Encoding (the
     caller restates the framing it uses) are left out.
 
-    Works on the whole block at once, not a Python call per header: most responses
-    have no such field but nginx's ``Connection: keep-alive``, which goes first.
+    Works on the whole block at once, not a Python call per header. Most heads hold
+    no such field once a trailing ``KEEP_ALIVE_LAST`` is cut, and the hot path skips
+    this call for them (``may_have_response_field``).
     """
-    lines = block.replace(_KEEP_ALIVE_LINE, b"\r\n")
-    if _MAYBE_RESPONSE_FIELD.search(lines.lower()) is None:
-        return lines, None, None
-    parts = _RESPONSE_FIELD.split(lines)
+    parts = _RESPONSE_FIELD.split(block)
+    if len(parts) == 1:
+        return block, None, None
     kept = [parts[0]]
     te: bytes | None = None
     upgrade: bytes | None = None

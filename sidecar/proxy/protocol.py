@@ -19,6 +19,7 @@ import functools
 import logging
 import socket
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from httptools import (
@@ -28,7 +29,7 @@ from httptools import (
     HttpRequestParser,
 )
 
-from sidecar.coloring import Colorer
+from sidecar.coloring import MISSING, Colorer
 from sidecar.errors import DownstreamProtocolError
 from sidecar.proxy.exchange import (
     CONNECT_ESTABLISHED,
@@ -51,6 +52,7 @@ from sidecar.proxy.tunnel import Tunnel
 from sidecar.proxy.upstream import Key, Pool, UpstreamConnection
 
 if TYPE_CHECKING:
+    from sidecar.admin.metrics import DirectionCounts
     from sidecar.policy import Timeouts
     from sidecar.proxy.server import ProxyContext
 
@@ -230,6 +232,7 @@ class Downstream(asyncio.Protocol):
         "closing",
         "color_ends",
         "colorer",
+        "counts",
         "ctx",
         "cur",
         "direction",
@@ -264,6 +267,7 @@ class Downstream(asyncio.Protocol):
         self.loop = shared.loop
         self.direction = direction
         self.outbound = direction == "outbound"
+        self.counts: DirectionCounts = shared.ctx.metrics.direction(direction)
         # per connection
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl = None  # type: ignore[assignment]
@@ -416,7 +420,7 @@ class Downstream(asyncio.Protocol):
             colorer = self.ctx.colorer
             if colorer is not self.colorer:
                 self._adopt(colorer)
-            ex = self.cur = Request(self.loop.time())
+            ex = self.cur = Request(perf_counter())
             self.queue.append(ex)
             self.begun = True
             self.fed = 0
@@ -600,7 +604,12 @@ class Downstream(asyncio.Protocol):
                     hostport = (host, port)
                 if hostport in self.shared.own:
                     raise DownstreamProtocolError("request addressed to the proxy itself", 508)
-                color, reason = colorer.outbound(ex.colors or ())
+                if ex.colors is None:
+                    # The first hop, decided as ``Colorer.outbound`` decides it but
+                    # without the call: most requests leaving a pod carry no color.
+                    color, reason = colorer.pod_color, MISSING
+                else:
+                    color, reason = colorer.outbound(ex.colors)
             else:
                 if ex.connect:
                     raise DownstreamProtocolError("CONNECT is not served on the inbound side", 405)
@@ -615,7 +624,7 @@ class Downstream(asyncio.Protocol):
             self._fail(ex, exc.status_hint, str(exc))
             return
         if reason is not None:
-            self.ctx.metrics.rewrite(self.direction, reason)
+            self.counts.rewrites[reason] += 1
         ex.color = color
         pieces = ex.pieces
         if new_host is not None:
@@ -707,8 +716,8 @@ class Downstream(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
-        seconds = self.loop.time() - ex.t0
-        self.ctx.metrics.request(self.direction, ex.color, ex.code, seconds)
+        seconds = perf_counter() - ex.t0
+        self.counts.request(ex.color, ex.code, seconds)
         if self.shared.access_log:
             self._log(ex, seconds)
         self.served = True
@@ -812,7 +821,7 @@ class Downstream(asyncio.Protocol):
         queue = self.queue
         if not queue or queue[0] is ex:
             if ex is None:
-                ex = Request(self.loop.time())
+                ex = Request(perf_counter())
             ex.keep_alive = False
             ex.color = ex.color or self.ctx.colorer.pod_color
             self._fail(ex, status, text)
@@ -820,7 +829,7 @@ class Downstream(asyncio.Protocol):
             return
         # Requests ahead of it are still being answered: refuse it after them.
         if ex is None:
-            ex = Request(self.loop.time())  # it broke before its URL
+            ex = Request(perf_counter())  # it broke before its URL
         elif ex in queue:
             queue.remove(ex)
         self.error_after = (status, text)  # and parse nothing more
@@ -830,8 +839,8 @@ class Downstream(asyncio.Protocol):
         self._count(ex)
 
     def _count(self, ex: Request) -> None:
-        seconds = self.loop.time() - ex.t0
-        self.ctx.metrics.request(self.direction, ex.color, ex.code, seconds)
+        seconds = perf_counter() - ex.t0
+        self.counts.request(ex.color, ex.code, seconds)
         if self.shared.access_log:
             self._log(ex, seconds)
 

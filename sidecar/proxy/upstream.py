@@ -34,11 +34,14 @@ from sidecar.errors import UpstreamProtocolError
 from sidecar.memtrim import give_back_free_memory
 from sidecar.proxy.exchange import (
     IDEMPOTENT,
+    KEEP_ALIVE_CUT,
+    KEEP_ALIVE_LAST,
     LAST_CHUNK,
     MAX_HEADER_BYTES,
     STATUS_LINES,
     has_content_length,
     is_chunked,
+    may_have_response_field,
     response_fields,
     status_line,
 )
@@ -290,7 +293,12 @@ class UpstreamConnection(asyncio.Protocol):
         raw = held + self.data if held else self.data
         start = self.head_at
         end = raw.find(b"\r\n\r\n", start) + 2
-        lines, te, upgrade = response_fields(raw[raw.find(b"\r\n", start) : end])
+        lines = raw[raw.find(b"\r\n", start) : end]
+        if lines.endswith(KEEP_ALIVE_LAST):
+            lines = lines[:KEEP_ALIVE_CUT]
+        te = upgrade = None
+        if may_have_response_field(lines.lower()) is not None:
+            lines, te, upgrade = response_fields(lines)
         line = STATUS_LINES.get(code)
         pieces = [line if line is not None else status_line(code), lines]
         if code < 200:

@@ -12,7 +12,7 @@ import requests
 
 from sidecar.proxy import Proxy
 from tests.proto.backend import Backend
-from tests.proto.conftest import Conn, MakeProxy, curl, port, raw, request, sample
+from tests.proto.conftest import Conn, MakeProxy, curl, port, raw, request, sample, upstream
 
 INBOUND_RULES = """\
 version: 1
@@ -153,6 +153,63 @@ async def test_python_clients_through_http_proxy(proxy: Proxy, backend: Backend)
     body = await asyncio.to_thread(with_urllib)
     assert echo(body)["target"] == "/py?q=1"
     assert colors_seen(backend) == ["stable"]
+
+
+async def test_request_durations_are_timed_finer_than_the_loop_clock(proxy: Proxy) -> None:
+    """The histogram's buckets start at 0.1 ms, so durations must be finer than
+    uvloop's ``loop.time()``, which counts whole milliseconds (cached per loop turn)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            await asyncio.sleep(0.0015)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    async with upstream(serve) as up:
+        conn = await Conn.open(port(proxy))
+        for _ in range(3):
+            await conn.send(request("GET", "/", f"127.0.0.1:{up}"))
+            assert (await conn.response()).status == 200
+        conn.close()
+    name = "traffic_color_request_duration_seconds"
+    labels = {"direction": "outbound", "color": "stable"}
+    assert sample(proxy, f"{name}_count", **labels) == 3
+    total_ms = sample(proxy, f"{name}_sum", **labels) * 1e3
+    assert total_ms >= 3 * 1.5
+    assert abs(total_ms - round(total_ms)) > 1e-6  # not whole milliseconds
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # nginx's order: the keep-alive line last, cut off without a look at the rest
+        [b"Server: nginx", b"Content-Length: 2", b"Connection: keep-alive"],
+        [
+            b"Connection: keep-alive",
+            b"Server: node",
+            b"Keep-Alive: timeout=5",
+            b"Content-Length: 2",
+        ],
+        [b"Content-Length: 2", b"connection: Keep-Alive", b"X-Last: 1"],
+    ],
+)
+async def test_response_heads_reach_the_client_without_the_upstream_keep_alive(
+    proxy: Proxy, fields: list[bytes]
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(head + b"ok")
+
+    async with upstream(serve) as up:
+        ask = request("GET", "/", f"127.0.0.1:{up}", {"Connection": "close"})
+        out = await raw(port(proxy), ask + ask)  # the second is never read: the first closes
+    got_head, _, body = out.partition(b"\r\n\r\n")
+    lines = got_head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    kept = [f for f in fields if not f.lower().startswith((b"connection:", b"keep-alive:"))]
+    assert lines[1:] == [*kept, b"connection: close"]
+    assert body == b"ok"
 
 
 # ---------------------------------------------------------------- inbound coloring

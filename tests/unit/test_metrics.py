@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin.metrics import DURATION_BUCKETS, ProxyMetrics
+from sidecar.coloring import REASONS
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -38,8 +39,8 @@ def labels(**kw: str) -> tuple[tuple[str, str], ...]:
 
 def test_families_keep_their_names_and_types() -> None:
     m = ProxyMetrics()
-    m.request("outbound", "stable", 200, 0.001)
-    m.rewrite("outbound", "missing")
+    m.direction("outbound").request("stable", 200, 0.001)
+    m.direction("outbound").rewrites["missing"] += 1
     m.flow_opened("stable")
     m.reload(True)
     types, _ = scrape(m.registry)
@@ -52,17 +53,20 @@ def test_families_keep_their_names_and_types() -> None:
     }
 
 
-def test_no_series_before_a_label_set_is_used() -> None:
+def test_request_series_appear_with_use_and_rewrite_reasons_read_zero_from_the_start() -> None:
     _, samples = scrape(ProxyMetrics().registry)
-    assert samples == {}
+    rew = "traffic_color_header_rewrites_total"
+    assert samples == {
+        (rew, labels(direction=d, reason=r)): 0.0 for d in ("outbound", "inbound") for r in REASONS
+    }
 
 
 def test_request_counts_per_direction_color_and_code() -> None:
     m = ProxyMetrics()
     for _ in range(3):
-        m.request("outbound", "canary", 200, 0.0002)
-    m.request("outbound", "canary", 502, 0.03)
-    m.request("inbound", "canary", 200, 0.0002)
+        m.direction("outbound").request("canary", 200, 0.0002)
+    m.direction("outbound").request("canary", 502, 0.03)
+    m.direction("inbound").request("canary", 200, 0.0002)
     _, samples = scrape(m.registry)
     name = "traffic_color_requests_total"
     assert samples[(name, labels(direction="outbound", color="canary", code="200"))] == 3
@@ -76,8 +80,8 @@ def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
     # A bound itself belongs to its bucket (le); 20 s lands only in +Inf.
     observed = [0.00005, 0.0001, 0.0003, 0.002, 0.002, 0.7, 20.0]
     for s in observed:
-        m.request("outbound", "stable", 200, s)
-    m.request("outbound", "stable", 503, 0.01)  # another code, same histogram
+        m.direction("outbound").request("stable", 200, s)
+    m.direction("outbound").request("stable", 503, 0.01)  # another code, same histogram
     observed.append(0.01)
     _, samples = scrape(m.registry)
     name = "traffic_color_request_duration_seconds"
@@ -117,7 +121,7 @@ def test_histogram_matches_prometheus_client_histogram() -> None:
     values = [i * 0.00007 for i in range(300)] + list(DURATION_BUCKETS) + [0.0, 11.0]
     for i, v in enumerate(values):
         color = "canary" if i % 3 else "stable"
-        m.request("inbound", color, 200, v)
+        m.direction("inbound").request(color, 200, v)
         ref.labels("inbound", color).observe(v)
     _, ours = scrape(m.registry)
     _, theirs = scrape(ref_registry)
@@ -129,9 +133,8 @@ def test_histogram_matches_prometheus_client_histogram() -> None:
 
 def test_rewrites_flows_and_reloads() -> None:
     m = ProxyMetrics()
-    m.rewrite("outbound", "missing")
-    m.rewrite("outbound", "missing")
-    m.rewrite("inbound", "untrusted")
+    m.direction("outbound").rewrites["missing"] += 2
+    m.direction("inbound").rewrites["untrusted"] += 1
     m.flow_opened("canary")
     m.flow_opened("canary")
     m.flow_closed("canary")
@@ -144,6 +147,7 @@ def test_rewrites_flows_and_reloads() -> None:
     rew = "traffic_color_header_rewrites_total"
     assert s[(rew, labels(direction="outbound", reason="missing"))] == 2
     assert s[(rew, labels(direction="inbound", reason="untrusted"))] == 1
+    assert s[(rew, labels(direction="inbound", reason="missing"))] == 0
     assert s[("traffic_color_upstream_flows", labels(color="canary"))] == 1
     assert s[("traffic_color_upstream_flows", labels(color="stable"))] == 0
     assert s[("traffic_color_policy_reloads_total", labels(result="success"))] == 2
@@ -153,8 +157,8 @@ def test_rewrites_flows_and_reloads() -> None:
 def test_registry_get_sample_value_sees_the_counts() -> None:
     """What the proxy tests and the runtime read: the registry's own lookup."""
     m = ProxyMetrics()
-    m.request("outbound", "stable", 200, 0.001)
-    m.request("outbound", "stable", 200, 0.001)
+    m.direction("outbound").request("stable", 200, 0.001)
+    m.direction("outbound").request("stable", 200, 0.001)
     value = m.registry.get_sample_value(
         "traffic_color_requests_total", {"direction": "outbound", "color": "stable", "code": "200"}
     )
@@ -176,8 +180,7 @@ def test_scrape_in_another_thread_while_the_loop_adds_series() -> None:
     """
     m = ProxyMetrics()
     for i in range(2000):
-        m.request("outbound", f"p{i}", 200, 0.001)
-        m.rewrite("outbound", f"p{i}")
+        m.direction("outbound").request(f"p{i}", 200, 0.001)
         m.flow_opened(f"p{i}")
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -196,8 +199,8 @@ def test_scrape_in_another_thread_while_the_loop_adds_series() -> None:
     t.start()
     try:
         for i in range(2000):
-            m.request("outbound", f"c{i}", 200, 0.001)
-            m.rewrite("outbound", f"r{i}")
+            m.direction("outbound").request(f"c{i}", 200, 0.001)
+            m.direction("inbound").rewrites[REASONS[i % len(REASONS)]] += 1
             m.flow_opened(f"c{i}")
             m.reload(i % 2 == 0)
     finally:
