@@ -440,9 +440,12 @@ class Downstream(asyncio.Protocol):
             raise DownstreamProtocolError("request headers larger than 64 KiB", 431)
         ex.hsize = size
         # One dict lookup per header: clients repeat the same spellings, so the
-        # ``lower()`` copy and the set lookup happen once per spelling.
-        lname = self.names.get(name)
-        if lname is None:
+        # ``lower()`` copy and the set lookup happen once per spelling. (Hot lookups
+        # that nearly always hit index, not ``get()``: no method call, and a ``try``
+        # costs nothing in Python 3.11 until it catches.)
+        try:
+            lname = self.names[name]
+        except KeyError:
             lname = self._classify(name)
         if lname:
             if lname is _HOST and ex.host is None:
@@ -591,8 +594,9 @@ class Downstream(asyncio.Protocol):
                 url = ex.url
                 if url[:1] == b"/" and ex.host is not None:
                     # origin-form, the common case: the Host header names the upstream
-                    hostport = self.shared.authorities.get(ex.host)
-                    if hostport is None:
+                    try:
+                        hostport = self.shared.authorities[ex.host]
+                    except KeyError:
                         hostport = self.shared.authority(ex.host)
                     host, port = hostport
                     target, new_host = url, None
@@ -641,8 +645,10 @@ class Downstream(asyncio.Protocol):
         pieces[0] = b"%s %s HTTP/1.1\r\n" % (ex.method, target)
         if ex.upgrade:
             pieces.extend((b"upgrade: ", ex.upgrade_value, b"\r\nconnection: upgrade\r\n"))
-        end = self.color_ends.get(color)
-        pieces.append(end if end is not None else self._color_end(color))
+        try:
+            pieces.append(self.color_ends[color])
+        except KeyError:
+            pieces.append(self._color_end(color))
         ex.head = b"".join(pieces)
         ex.pieces = []
         key = ex.target = (color, host, port)

@@ -64,6 +64,7 @@ HOT_IDLE_PER_KEY = 64
 # their memory back to the kernel (see ``sidecar.memtrim``).
 TRIM_AFTER_CLOSED = 256
 
+_KEEP_ALIVE_TAIL = -len(KEEP_ALIVE_LAST)  # ``lines[_KEEP_ALIVE_TAIL:]``: no endswith() call
 _PARKED_EVENTS = select.EPOLLIN | select.EPOLLRDHUP  # data, FIN or RST: the upstream let go
 _KEYS_CACHE = 4096  # distinct pool keys shared between connections before the cache starts over
 
@@ -294,70 +295,89 @@ class UpstreamConnection(asyncio.Protocol):
         start = self.head_at
         end = raw.find(b"\r\n\r\n", start) + 2
         lines = raw[raw.find(b"\r\n", start) : end]
-        if lines.endswith(KEEP_ALIVE_LAST):
+        if lines[_KEEP_ALIVE_TAIL:] == KEEP_ALIVE_LAST:
             lines = lines[:KEEP_ALIVE_CUT]
         te = upgrade = None
         if may_have_response_field(lines.lower()) is not None:
             lines, te, upgrade = response_fields(lines)
-        line = STATUS_LINES.get(code)
-        pieces = [line if line is not None else status_line(code), lines]
+        try:
+            line = STATUS_LINES[code]
+        except KeyError:
+            line = status_line(code)
         if code < 200:
             if code == 101:
                 if not ex.upgrade:
                     raise UpstreamProtocolError("101 Switching Protocols to a plain request")
-                pieces.append(b"upgrade: %s\r\nconnection: upgrade\r\n\r\n" % (upgrade or b""))
-                self.out.append(b"".join(pieces))
+                self.out.append(
+                    b"%s%supgrade: %s\r\nconnection: upgrade\r\n\r\n"
+                    % (line, lines, upgrade or b"")
+                )
             elif ex.http11:  # interim (100 Continue, 103); HTTP/1.0 clients never see them
-                pieces.append(b"\r\n")
-                self.out.append(b"".join(pieces))
+                self.out.append(b"%s%s\r\n" % (line, lines))
             self.hdone = False  # the final response follows on the same parser
             self.head_at = end + 2
             return
         if held or start:
             self.held = b""
             self.head_at = 0
-        down: Downstream = self.down  # type: ignore[assignment]
-        keep_down = ex.keep_alive and ex.complete and not ex.upgrade and not down.shared.draining
-        self.keep = self.parser.should_keep_alive()  # type: ignore[union-attr]
+        ex.code = code
+        keep = self.keep = self.parser.should_keep_alive()  # type: ignore[union-attr]
         self.eof_ends = False
         self.mode = 0
+        down: Downstream = self.down  # type: ignore[assignment]
+        if not (ex.keep_alive and ex.complete and not ex.upgrade and not down.shared.draining):
+            ex.keep_alive = False
+        if te is None and keep and ex.keep_alive and ex.http11:
+            # The common answer: framed by its Content-Length (llhttp keeps a connection
+            # only when it knows where the body ends) or bodiless, and passed on as it
+            # came to a client that keeps its connection.
+            self.out.append(b"%s%s\r\n" % (line, lines))
+        else:
+            fields = [line, lines]
+            if te is not None or not keep:
+                self._framing(fields, ex, code, te)
+            if not ex.keep_alive:
+                fields.append(b"connection: close\r\n\r\n")
+            elif not ex.http11:
+                fields.append(b"connection: keep-alive\r\n\r\n")
+            else:
+                fields.append(b"\r\n")
+            self.out.append(b"".join(fields))
+        if ex.method == b"HEAD" and code not in (204, 304):
+            raise _HeadDone
+
+    def _framing(self, fields: list[bytes], ex: Request, code: int, te: bytes | None) -> None:
+        """Restate the framing of an answer that is not a plain Content-Length one.
+
+        Appends to ``fields`` (the status line and the forwarded lines), sets the body
+        mode, and refuses keep-alive to a client that only the close can tell where
+        the body ends.
+        """
         if code in (204, 304) or ex.method == b"HEAD":
             if te is not None:
-                pieces.extend((b"transfer-encoding: ", te, b"\r\n"))
+                fields.extend((b"transfer-encoding: ", te, b"\r\n"))
         elif te is not None and is_chunked(te):
             if ex.http11:
-                pieces.extend((b"transfer-encoding: ", te, b"\r\n"))
+                fields.extend((b"transfer-encoding: ", te, b"\r\n"))
                 self.mode = 1
             else:
-                keep_down = False  # an HTTP/1.0 client reads the body up to the close
-        elif not (self.keep or has_content_length(lines)):
-            # Close-delimited (llhttp keeps a connection only when it knows where the
-            # body ends, so a kept one has a Content-Length): complete when the upstream
-            # closes, never reusable. A coding other than chunked (``te``, rare) stays
-            # named, or the client would take coded bytes for the content.
+                ex.keep_alive = False  # an HTTP/1.0 client reads the body up to the close
+        elif not (self.keep or has_content_length(fields[1])):
+            # Close-delimited: complete when the upstream closes, never reusable. A coding
+            # other than chunked (``te``, rare) stays named, or the client would take coded
+            # bytes for the content.
             self.eof_ends = True
             self.keep = False
             if ex.http11:
                 if te is None:
-                    pieces.append(b"transfer-encoding: chunked\r\n")
+                    fields.append(b"transfer-encoding: chunked\r\n")
                 else:
-                    pieces.extend((b"transfer-encoding: ", te, b", chunked\r\n"))
+                    fields.extend((b"transfer-encoding: ", te, b", chunked\r\n"))
                 self.mode = 1
             else:
                 if te is not None:
-                    pieces.extend((b"transfer-encoding: ", te, b"\r\n"))
-                keep_down = False
-        if not keep_down:
-            pieces.append(b"connection: close\r\n\r\n")
-            ex.keep_alive = False
-        elif not ex.http11:
-            pieces.append(b"connection: keep-alive\r\n\r\n")
-        else:
-            pieces.append(b"\r\n")
-        self.out.append(b"".join(pieces))
-        ex.code = code
-        if ex.method == b"HEAD" and code not in (204, 304):
-            raise _HeadDone
+                    fields.extend((b"transfer-encoding: ", te, b"\r\n"))
+                ex.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         if self.mode:
@@ -511,7 +531,10 @@ class Pool:
 
     def take(self, key: Key) -> UpstreamConnection | None:
         """The most recently used idle connection for ``key`` (LIFO keeps few warm), or None."""
-        stack = self.idle.get(key)
+        try:
+            stack = self.idle[key]  # no get(): see ``Downstream.on_header``
+        except KeyError:
+            return None
         while stack:
             conn = stack.pop()
             if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
@@ -523,10 +546,12 @@ class Pool:
         if self.closed:
             conn.transport.close()  # type: ignore[union-attr]
             return
-        stack = self.idle.get(conn.key)
-        if stack is None:
-            stack = self.idle[conn.key] = []
-        parked = self.parked.get(conn.key)
+        key = conn.key
+        try:
+            stack = self.idle[key]
+        except KeyError:
+            stack = self.idle[key] = []
+        parked = self.parked.get(key)  # absent for most keys: get(), not an index
         if len(stack) + (len(parked) if parked else 0) >= MAX_IDLE_PER_KEY:
             conn.transport.close()  # type: ignore[union-attr]
             return
