@@ -4,7 +4,8 @@
 connection is a ``Downstream`` (``protocol.py``) that colors requests and sends
 them over a per-color keep-alive pool of ``UpstreamConnection``s
 (``upstream.py``). Pure request decisions live in ``exchange.py``, backpressure
-in ``flow.py`` and CONNECT/Upgrade pipes in ``tunnel.py``.
+in ``flow.py``, CONNECT/Upgrade pipes in ``tunnel.py``, and the writes of each
+loop turn, sent together at its end, in ``batch.py``.
 """
 
 from sidecar.proxy.server import FlowHooks, Proxy, ProxyContext

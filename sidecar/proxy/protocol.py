@@ -31,6 +31,7 @@ from httptools import (
 
 from sidecar.coloring import MISSING, Colorer
 from sidecar.errors import DownstreamProtocolError
+from sidecar.proxy.batch import WriteBatch
 from sidecar.proxy.exchange import (
     CONNECT_ESTABLISHED,
     HOP_BY_HOP,
@@ -99,7 +100,8 @@ class Shared:
     def __init__(self, ctx: ProxyContext, loop: asyncio.AbstractEventLoop) -> None:
         self.ctx = ctx
         self.loop = loop
-        self.pool = Pool(ctx, loop)
+        self.batch = WriteBatch(loop)  # every write and close of the proxy's sockets
+        self.pool = Pool(ctx, loop, self.batch)
         self.conns: set[Downstream] = set()
         self.draining = False
         self.own: set[tuple[str, int]] = set()  # our listening addresses: loop detection
@@ -528,7 +530,7 @@ class Downstream(asyncio.Protocol):
         self.fed = -1  # the body moved on in this read (see ``_count_trailer``)
         conn = ex.conn
         if conn is not None:
-            conn.transport.write(b"".join(chunk(body)) if ex.chunked else body)  # type: ignore[union-attr]
+            self.shared.batch.write(conn.transport, b"".join(chunk(body)) if ex.chunked else body)  # type: ignore[arg-type]
             return
         if ex.pending is None:
             ex.pending = []
@@ -545,7 +547,7 @@ class Downstream(asyncio.Protocol):
         if ex.chunked:
             conn = ex.conn
             if conn is not None:
-                conn.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+                self.shared.batch.write(conn.transport, LAST_CHUNK)  # type: ignore[arg-type]
             elif ex.pending is None:
                 ex.pending = [LAST_CHUNK]
             else:
@@ -699,13 +701,13 @@ class Downstream(asyncio.Protocol):
     def _use_new(self, ex: Request, conn: UpstreamConnection) -> None:
         """A new upstream connection is up: send ``ex`` on it, or give it back."""
         if self.outbound and self.shared.loops_back(conn):
-            conn.transport.close()  # type: ignore[union-attr]
+            self.shared.batch.close(conn.transport)  # type: ignore[arg-type]
             if not self.closing:
                 self._fail(ex, 508, "request addressed to the proxy itself")
         elif self.closing or not self.queue or self.queue[0] is not ex:
             self.shared.pool.release(conn)  # nobody waits for it any more
         elif ex.connect:
-            self.transport.write(CONNECT_ESTABLISHED)  # type: ignore[union-attr]
+            self.shared.batch.write(self.transport, CONNECT_ESTABLISHED)  # type: ignore[arg-type]
             ex.code = 200
             self.start_tunnel(ex, conn, b"")
         else:
@@ -739,7 +741,7 @@ class Downstream(asyncio.Protocol):
                 self._start(nxt)
         elif self.error_after is not None:
             status, text = self.error_after
-            self.transport.write(error_response(status, text))  # type: ignore[union-attr]
+            self.shared.batch.write(self.transport, error_response(status, text))  # type: ignore[arg-type]
             self._close()
             return
         elif self.eof:
@@ -771,7 +773,7 @@ class Downstream(asyncio.Protocol):
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
         self._count(ex)
-        tunnel = self.tunnel = conn.tunnel = Tunnel(self, conn)
+        tunnel = self.tunnel = conn.tunnel = Tunnel(self, conn, self.shared.batch)
         conn.ex = None
         conn.down = self
         self.up = conn
@@ -780,7 +782,7 @@ class Downstream(asyncio.Protocol):
         if self.write_paused:
             conn.flow.pause(PEER_FULL)  # type: ignore[union-attr]
         if rest:
-            self.transport.write(rest)  # type: ignore[union-attr]
+            self.shared.batch.write(self.transport, rest)  # type: ignore[arg-type]
         early = self.early
         self.early = None
         if early:
@@ -816,7 +818,7 @@ class Downstream(asyncio.Protocol):
         )
         ex.keep_alive = keep
         if not self.closed:
-            self.transport.write(error_response(status, text, keep))  # type: ignore[union-attr]
+            self.shared.batch.write(self.transport, error_response(status, text, keep))  # type: ignore[arg-type]
         self.early = None
         self.response_done(ex)
 
@@ -866,7 +868,7 @@ class Downstream(asyncio.Protocol):
     def _close(self) -> None:
         self.closing = True
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+            self.shared.batch.close(self.transport)
 
     # ------------------------------------------------------------ upkeep
 

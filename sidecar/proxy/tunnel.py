@@ -10,7 +10,10 @@ exchanges, set up by the protocols when they attach.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sidecar.proxy.batch import WriteBatch
 
 
 class _Side(Protocol):
@@ -21,19 +24,20 @@ class _Side(Protocol):
 class Tunnel:
     """The pipe between a downstream client and its upstream connection."""
 
-    __slots__ = ("down", "eofs", "up")
+    __slots__ = ("batch", "down", "eofs", "up")
 
-    def __init__(self, down: _Side, up: _Side) -> None:
+    def __init__(self, down: _Side, up: _Side, batch: WriteBatch) -> None:
         self.down = down
         self.up = up
+        self.batch = batch
         self.eofs = 0
 
     def from_client(self, data: bytes) -> None:
-        self.up.transport.write(data)  # type: ignore[union-attr]
+        self.batch.write(self.up.transport, data)  # type: ignore[arg-type]
 
     def from_upstream(self, data: bytes) -> None:
         self.down.rx = True  # activity keeps the downstream's idle timer off
-        self.down.transport.write(data)  # type: ignore[union-attr]
+        self.batch.write(self.down.transport, data)  # type: ignore[arg-type]
 
     def client_eof(self) -> bool:
         """The client finished sending; True keeps its socket open for the answer."""
@@ -47,10 +51,10 @@ class Tunnel:
         if self.eofs >= 2 or other is None or other.is_closing() or not other.can_write_eof():
             self.close()
             return False
-        other.write_eof()
+        self.batch.write_eof(other)
         return True
 
     def close(self) -> None:
         for side in (self.down, self.up):
             if side.transport is not None and not side.transport.is_closing():
-                side.transport.close()
+                self.batch.close(side.transport)

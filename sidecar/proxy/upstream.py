@@ -32,6 +32,7 @@ from httptools import (
 
 from sidecar.errors import UpstreamProtocolError
 from sidecar.memtrim import give_back_free_memory
+from sidecar.proxy.batch import WriteBatch
 from sidecar.proxy.exchange import (
     IDEMPOTENT,
     KEEP_ALIVE_CUT,
@@ -82,6 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "addrs",
+        "batch",
         "closed",
         "code",
         "data",
@@ -112,6 +114,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Pool, key: Key) -> None:
         # global
         self.pool = pool
+        self.batch = pool.batch
         self.key = key
         self.parser: HttpResponseParser | None = None  # made by attach, dropped when parked
         # per connection
@@ -195,7 +198,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.ex is None:
             log.debug("upstream %s:%d sent bytes while idle; closing it", *self.key[1:])
-            self.transport.close()  # type: ignore[union-attr]
+            self.batch.close(self.transport)  # type: ignore[arg-type]
             return
         self.got = self.rx = True
         self.data = data
@@ -251,10 +254,10 @@ class UpstreamConnection(asyncio.Protocol):
         if pending:
             ex.pending = None
             pending.insert(0, ex.head)
-            self.transport.write(b"".join(pending))  # type: ignore[union-attr]
+            self.batch.write(self.transport, b"".join(pending))  # type: ignore[arg-type]
             down.resumed_pending()
         else:
-            self.transport.write(ex.head)  # type: ignore[union-attr]
+            self.batch.write(self.transport, ex.head)  # type: ignore[arg-type]
 
     def detach(self) -> None:
         """Unlink from the exchange and undo any backpressure it caused either way."""
@@ -276,7 +279,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The downstream is gone or gave up mid-exchange: this connection cannot be reused."""
         self.detach()
         if self.tunnel is None and self.transport is not None:
-            self.transport.close()
+            self.batch.close(self.transport)
 
     # ------------------------------------------------------------ httptools callbacks
 
@@ -400,7 +403,7 @@ class UpstreamConnection(asyncio.Protocol):
         out.clear()
         down = self.down
         if down is not None and not down.closed:
-            down.transport.write(data)  # type: ignore[union-attr]
+            self.batch.write(down.transport, data)  # type: ignore[arg-type]
 
     def _finish(self, reusable: bool) -> None:
         ex: Request = self.ex  # type: ignore[assignment]
@@ -408,7 +411,7 @@ class UpstreamConnection(asyncio.Protocol):
         out = self.out
         if out:
             if not down.closed:
-                down.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+                self.batch.write(down.transport, out[0] if len(out) == 1 else b"".join(out))  # type: ignore[arg-type]
             out.clear()
         self.detach()
         if reusable and ex.complete and not self.closed:
@@ -419,7 +422,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.release(self)
             return
         if self.transport is not None:
-            self.transport.close()
+            self.batch.close(self.transport)
         down.response_done(ex)
 
     def _upgraded(self, rest: bytes) -> None:
@@ -438,7 +441,7 @@ class UpstreamConnection(asyncio.Protocol):
         down = self.down
         self.detach()
         self.out.clear()
-        self.transport.close()  # type: ignore[union-attr]
+        self.batch.close(self.transport)  # type: ignore[arg-type]
         if ex is None or down is None:
             return
         if ex.code:
@@ -512,9 +515,12 @@ class Pool:
     whole sweep; data, FIN or RST on a parked socket closes it, as on an idle one.
     """
 
-    def __init__(self, ctx: ProxyContext, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, ctx: ProxyContext, loop: asyncio.AbstractEventLoop, batch: WriteBatch
+    ) -> None:
         self.ctx = ctx
         self.loop = loop
+        self.batch = batch  # the proxy's writes and closes, in order (see ``batch.py``)
         self.idle: dict[Key, list[UpstreamConnection]] = {}  # hot, oldest first
         self.parked: dict[Key, dict[ParkedFlow, None]] = {}  # oldest first
         self.open: set[Flow] = set()
@@ -544,7 +550,7 @@ class Pool:
 
     def release(self, conn: UpstreamConnection) -> None:
         if self.closed:
-            conn.transport.close()  # type: ignore[union-attr]
+            self.batch.close(conn.transport)  # type: ignore[arg-type]
             return
         key = conn.key
         try:
@@ -553,7 +559,7 @@ class Pool:
             stack = self.idle[key] = []
         parked = self.parked.get(key)  # absent for most keys: get(), not an index
         if len(stack) + (len(parked) if parked else 0) >= MAX_IDLE_PER_KEY:
-            conn.transport.close()  # type: ignore[union-attr]
+            self.batch.close(conn.transport)  # type: ignore[arg-type]
             return
         conn.idle_since = self.now
         conn.data = b""  # the last read: not kept alive by an idle connection
@@ -685,9 +691,9 @@ class Pool:
         try:
             conn.parked = os.dup(transport.get_extra_info("socket").fileno())
         except (OSError, AttributeError):
-            transport.close()  # no socket to keep (closing already): an ordinary close
+            self.batch.close(transport)  # no socket to keep (closing already): an ordinary close
             return
-        transport.close()
+        self.batch.close(transport)
         self._closed_since_trim += 1
 
     def settle(self, conn: UpstreamConnection) -> None:
@@ -764,7 +770,7 @@ class Pool:
         before, self.now = self.now, now
         for stack in self.idle.values():
             while stack and now - stack[0].idle_since > idle_timeout:
-                stack.pop(0).transport.close()  # type: ignore[union-attr]
+                self.batch.close(stack.pop(0).transport)  # type: ignore[arg-type]
                 self._closed_since_trim += 1
             old = 0
             while old < len(stack) and stack[old].idle_since < before:
@@ -788,7 +794,7 @@ class Pool:
     def close_idle(self) -> None:
         for stack in self.idle.values():
             while stack:
-                stack.pop().transport.close()  # type: ignore[union-attr]
+                self.batch.close(stack.pop().transport)  # type: ignore[arg-type]
         for parked in self.parked.values():
             for flow in list(parked):
                 self._close_parked(flow)
@@ -798,7 +804,7 @@ class Pool:
         self.close_idle()
         for conn in list(self.open):
             if isinstance(conn, UpstreamConnection) and conn.transport is not None:
-                conn.transport.close()
+                self.batch.close(conn.transport)
         if self._epoll is not None:
             self.loop.remove_reader(self._epoll.fileno())
             self._epoll.close()
