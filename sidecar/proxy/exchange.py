@@ -42,11 +42,13 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # Tokens of a Connection header that never name a header to drop: the connection options,
-# and the framing fields. The proxy forwards a body with the framing it arrived with, so
-# dropping Content-Length or Transfer-Encoding because a peer named it would turn the body
-# into the start of another message on the next hop (request smuggling past the coloring).
+# the framing fields and Host. The proxy forwards a body with the framing it arrived with,
+# so dropping Content-Length or Transfer-Encoding because a peer named it would turn the
+# body into the start of another message on the next hop (request smuggling past the
+# coloring); and Host names the upstream and is required in HTTP/1.1 (RFC 9112 section 3.2),
+# so ``Connection: host`` cannot make it hop-by-hop.
 _CONNECTION_OPTIONS = frozenset(
-    {b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding"}
+    {b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding", b"host"}
 )
 
 REASONS = {
@@ -59,6 +61,7 @@ REASONS = {
     499: "Client Closed Request",
     502: "Bad Gateway",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
     508: "Loop Detected",
 }
 
@@ -77,7 +80,8 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 def extra_hop_headers(tokens: Iterable[bytes]) -> frozenset[bytes]:
     """Header names a ``Connection`` header declared hop-by-hop (besides the usual options).
 
-    Content-Length and Transfer-Encoding are never among them: see ``_CONNECTION_OPTIONS``.
+    Content-Length, Transfer-Encoding and Host are never among them: see
+    ``_CONNECTION_OPTIONS``.
     """
     return frozenset(t for t in tokens if t not in _CONNECTION_OPTIONS)
 

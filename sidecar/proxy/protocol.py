@@ -75,6 +75,7 @@ _HEAD, _IDLE, _BODY, _BUSY, _TUNNEL = range(5)
 
 
 _WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+_HTTP1 = frozenset({"1.0", "1.1"})
 # Marks a request whose Transfer-Encoding did not end in chunked (see ``_rare_head``); a
 # space cannot occur in a header name, so dropping "headers" of this name removes none.
 _UNFRAMED_MARK = b" unframed"
@@ -513,8 +514,13 @@ class Downstream(asyncio.Protocol):
         ex.keep_alive = keep = parser.should_keep_alive()
         # Without a Connection (or Proxy-Connection) header, llhttp keeps exactly the
         # HTTP/1.1 requests: its answer tells the version, and ``get_http_version`` (a
-        # ``str.format`` in httptools, 3% of a request's instructions) is skipped.
-        ex.http11 = parser.get_http_version() == "1.1" if ex.hop else keep
+        # ``str.format`` in httptools, 3% of a request's instructions) is only asked of
+        # the others, which may be 1.0 or a version this proxy refuses (505, as nginx).
+        if ex.hop or not keep:
+            version = parser.get_http_version()
+            if version not in _HTTP1:  # llhttp also takes 0.9 and 2.0 request lines
+                raise DownstreamProtocolError(f"HTTP/{version} is not served here", 505)
+            ex.http11 = version == "1.1"
         if method == b"CONNECT":
             ex.connect = True
         elif parser.should_upgrade():

@@ -130,6 +130,8 @@ def test_hop_by_hop_set_and_connection_tokens() -> None:
     tokens = connection_tokens(b"Keep-Alive, X-Trace ,close,,Upgrade")
     assert tokens == {b"keep-alive", b"x-trace", b"close", b"upgrade"}
     assert extra_hop_headers(tokens) == {b"x-trace"}
+    # never the framing, nor the Host that names the upstream
+    assert extra_hop_headers({b"content-length", b"transfer-encoding", b"host"}) == frozenset()
 
 
 def test_drop_headers_keeps_order_of_the_rest() -> None:

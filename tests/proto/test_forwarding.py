@@ -480,6 +480,22 @@ async def test_expectation_refused_sends_no_body_upstream(proxy: Proxy, backend:
 # ---------------------------------------------------------------- hop-by-hop
 
 
+@pytest.mark.parametrize("side", ["outbound", "inbound"])
+async def test_connection_naming_host_keeps_the_host(
+    proxy: Proxy, backend: Backend, side: str
+) -> None:
+    """Host names the upstream and HTTP/1.1 requires it: ``Connection: host`` cannot drop it."""
+    host = f"127.0.0.1:{backend.port}"
+    conn = await Conn.open(port(proxy, side))
+    await conn.send(request("GET", "/h", host, {"Connection": "host, X-Trace", "X-Trace": "t"}))
+    resp = await conn.response()
+    conn.close()
+    assert resp.status == 200
+    seen = backend.requests[-1]
+    assert seen.header("host") == [host]
+    assert seen.header("x-trace") == []
+
+
 async def test_hop_by_hop_headers_are_removed(proxy: Proxy, backend: Backend) -> None:
     headers = {
         "Connection": "keep-alive, X-Trace",

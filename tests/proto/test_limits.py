@@ -64,6 +64,12 @@ BAD_INPUTS = [
         id="conflicting-cl-400",
     ),
     pytest.param(lambda h: "HELLO THERE\r\n\r\n", 400, id="garbage-400"),
+    pytest.param(lambda h: f"GET / HTTP/2.0\r\nHost: {h}\r\n\r\n", 505, id="http2-line-505"),
+    pytest.param(
+        lambda h: f"GET / HTTP/0.9\r\nHost: {h}\r\nConnection: keep-alive\r\n\r\n",
+        505,
+        id="http09-line-505",
+    ),
     pytest.param(lambda h: f"GET / HTTP/1.1\nHost: {h}\n\n", 400, id="bare-lf-400"),
     pytest.param(lambda h: "GET / HTTP/1.1\r\n\r\n", 400, id="no-host-400"),
     pytest.param(lambda h: "GET https://secure.example/ HTTP/1.1\r\n\r\n", 400, id="https-abs-400"),
