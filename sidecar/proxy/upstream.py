@@ -787,6 +787,11 @@ class Pool:
                 expired.append(flow)
             for flow in expired:
                 self._close_parked(flow)
+        # An app may talk to many upstreams over its life: those with nothing idle leave
+        # no empty entry behind.
+        for table in (self.idle, self.parked):
+            for key in [key for key, entries in table.items() if not entries]:
+                del table[key]
         if self._closed_since_trim >= TRIM_AFTER_CLOSED:
             self._closed_since_trim = 0
             give_back_free_memory()

@@ -197,7 +197,7 @@ async def test_long_idle_pooled_connection_parks_and_serves_again_on_the_same_fl
     pool.sweep(now + 2, idle_timeout=60)  # idle across a whole sweep: parked
     assert await until(lambda: len(pool.parked.get(key, {})) == 1, 2)
     (parked,) = pool.parked[key]
-    assert not pool.idle[key] and idle.transport is None
+    assert not pool.idle.get(key) and idle.transport is None
     # The flow lives on: the same 4-tuple, the socket open, nothing told the hooks it closed.
     assert hooks.opened == [("stable", *parked.addrs)] and hooks.closed == []
     assert len(backend.writers) == 1 and proxy.open_flows() == {"stable": 1}
@@ -221,6 +221,31 @@ async def test_long_idle_pooled_connection_parks_and_serves_again_on_the_same_fl
     assert backend.connections == 2
     await proxy.drain(1)
     assert sorted(hooks.closed) == sorted(hooks.opened)
+
+
+async def test_upstreams_no_longer_used_leave_no_pool_entries(
+    make_proxy: MakeProxy, backend: Backend
+) -> None:
+    """Eight upstreams used once (four spellings of one address, two colors): once their
+    connections idle out, the pool keeps nothing for them, however many an app has
+    talked to over its life."""
+    proxy = await make_proxy()
+    pool = proxy._shared.pool  # type: ignore[union-attr]
+    conn = await Conn.open(port(proxy))
+    for name in ("127.0.0.1", "127.1", "127.0.1", "2130706433"):
+        for color in ("stable", "canary"):
+            host = f"{name}:{backend.port}"
+            await conn.send(request("GET", "/", host, {"x-traffic-color": color}))
+            assert (await conn.response()).status == 200
+    conn.close()
+    assert len(pool.idle) == 8
+    pool.sweep(pool.now + 1, idle_timeout=60)
+    pool.sweep(pool.now + 1, idle_timeout=60)  # idle across a sweep: all parked
+    assert await until(lambda: sum(map(len, pool.parked.values())) == 8, 2)
+    assert pool.idle == {}
+    pool.sweep(pool.now + 120, idle_timeout=60)  # and now past the idle timeout
+    assert pool.parked == {} and pool.idle == {}
+    assert proxy.open_flows() == {}
 
 
 async def test_idle_connections_beyond_the_hot_tier_park_and_close_when_the_upstream_does(
