@@ -39,45 +39,59 @@ def pair() -> tuple[WriteBatch, Recorder, Recorder, list[tuple[str, str, bytes]]
     return WriteBatch(asyncio.get_running_loop()), Recorder("a", log), Recorder("b", log), log
 
 
-async def test_writes_leave_at_the_end_of_the_turn_in_the_order_made() -> None:
+async def test_a_turns_first_write_goes_at_once_the_rest_at_its_end_in_order() -> None:
     batch, a, b, log = pair()
     batch.write(a, b"1")
+    assert log == [("a", "write", b"1")]  # a lone request waits for nothing
     batch.write(b, b"2")
     batch.write(a, b"3")
-    assert log == []  # nothing yet: other callbacks of this turn may add theirs
+    batch.write(b, b"4")
+    assert len(log) == 1  # the rest wait: other callbacks of this turn may add theirs
     await asyncio.sleep(0)
-    assert log == [("a", "write", b"1"), ("b", "write", b"2"), ("a", "write", b"3")]
-    batch.write(b, b"4")  # a later turn is sent too
-    await asyncio.sleep(0)
-    assert log[-1] == ("b", "write", b"4")
+    assert log == [
+        ("a", "write", b"1"),
+        ("b", "write", b"2"),
+        ("a", "write", b"3"),
+        ("b", "write", b"4"),
+    ]
+    batch.write(b, b"5")  # a new turn: its first write goes at once again
+    assert log[-1] == ("b", "write", b"5")
 
 
 async def test_a_close_or_half_close_sends_what_was_queued_first() -> None:
     batch, a, b, log = pair()
+    batch.write(b, b"first")
     batch.write(a, b"answer")
     batch.write(b, b"request")
     batch.close(a)
-    assert log == [("a", "write", b"answer"), ("b", "write", b"request"), ("a", "close", b"")]
+    assert log == [
+        ("b", "write", b"first"),
+        ("a", "write", b"answer"),
+        ("b", "write", b"request"),
+        ("a", "close", b""),
+    ]
     batch.write(b, b"rest")
     batch.write_eof(b)
     assert log[-2:] == [("b", "write", b"rest"), ("b", "eof", b"")]
     await asyncio.sleep(0)
-    assert len(log) == 5  # nothing sent twice at the end of the turn
+    assert len(log) == 6  # nothing sent twice at the end of the turn
 
 
 async def test_a_large_turn_is_sent_at_once() -> None:
     batch, a, b, log = pair()
+    batch.write(a, b"first")
     batch.write(a, b"head")
     big = b"x" * MAX_QUEUED
     batch.write(b, big)  # over the bound: written now, backpressure applies now
-    assert log == [("a", "write", b"head"), ("b", "write", big)]
+    assert log == [("a", "write", b"first"), ("a", "write", b"head"), ("b", "write", big)]
     assert batch.size == 0
 
 
 async def test_writes_to_a_transport_gone_meanwhile_are_dropped_alone() -> None:
     batch, a, b, log = pair()
+    batch.write(b, b"first")
     batch.write(a, b"lost")
     batch.write(b, b"kept")
     a.abort()  # connection lost, or aborted at a drain deadline
     await asyncio.sleep(0)
-    assert log == [("b", "write", b"kept")]
+    assert log == [("b", "write", b"first"), ("b", "write", b"kept")]
