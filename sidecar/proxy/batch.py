@@ -47,10 +47,11 @@ class WriteBatch:
     def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
         """Send ``data`` on ``transport``: the turn's first write at once, later ones at
         its end, after the writes made before them."""
-        if not self.scheduled:
+        if not self.scheduled:  # nothing is queued: the turn's first write
             self.scheduled = True
             self.loop.call_soon(self._turn_ended)
-            transport.write(data)
+            if not transport.is_closing():  # as in ``flush``
+                transport.write(data)
             return
         self.queued.append((transport, data))
         size = self.size = self.size + len(data)
