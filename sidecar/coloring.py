@@ -98,8 +98,6 @@ class Colorer:
 
     def outbound(self, values: Sequence[bytes]) -> tuple[str, str | None]:
         """App -> world: keep a single known color the app propagated, else the pod's."""
-        if not values:
-            return self.pod_color, MISSING  # the first hop: no call to ``classify``
         color, reason = self.classify(values)
         if color is not None:
             return color, None

@@ -691,10 +691,10 @@ class Pool:
         try:
             conn.parked = os.dup(transport.get_extra_info("socket").fileno())
         except (OSError, AttributeError):
-            self.batch.close(transport)  # no socket to keep (closing already): an ordinary close
-            return
+            pass  # no socket to keep (closing already): an ordinary close
+        else:
+            self._closed_since_trim += 1
         self.batch.close(transport)
-        self._closed_since_trim += 1
 
     def settle(self, conn: UpstreamConnection) -> None:
         """The parking transport is gone: a ``ParkedFlow`` watches the socket it left."""
