@@ -16,12 +16,16 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sidecar.admin.metrics import KernelCollector, KernelSnapshot, ProxyMetrics
 from sidecar.coloring import Colorer
 from sidecar.errors import DatapathError, PolicyError
 from sidecar.memtrim import give_back_free_memory
 from sidecar.policy import Policy, check_pod_color, default_policy, parse_policy
+
+if TYPE_CHECKING:
+    from sidecar.datapath.capture import Ports
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,16 @@ def load_policy(path: str | None) -> Policy:
         return default_policy()
     with open(path, encoding="utf-8") as fh:
         return parse_policy(fh.read(), path)
+
+
+def capture_ports(policy: Policy) -> Ports | str:
+    """The ports the capture rules name, or why the policy cannot be captured."""
+    from sidecar.datapath.capture import Ports
+
+    ports = Ports(policy.outbound_listen.port, policy.inbound.listen.port, policy.admin_listen.port)
+    if 0 in (ports.outbound, ports.inbound, ports.admin):
+        return "outbound, inbound and admin listen addresses need fixed ports (not 0)"
+    return ports
 
 
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
