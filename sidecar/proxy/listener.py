@@ -32,11 +32,9 @@ _SOCKADDR_IN6 = 28
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 # A whole HTTP/1 request line: method SP request-target SP HTTP/1.x CRLF (RFC 9112 3).
 _REQUEST_LINE = re.compile(_TOKEN + rb"{1,32} [\x21-\x7e\x80-\xff]+ HTTP/1\.[01]\r?\n")
-# What can still grow into one: a method, then a target, then a version being written.
-_PARTIAL_LINE = re.compile(
-    _TOKEN
-    + rb"{1,32}(?: [\x21-\x7e\x80-\xff]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?)?\Z"
-)
+# What can still grow into one: a method, then a target, then a version being written
+# (loosely: the whole line is checked once it ends).
+_PARTIAL_LINE = re.compile(_TOKEN + rb"{1,32}(?: [\x21-\x7e\x80-\xff]*(?: [HTP/.01\r]{0,9})?)?\Z")
 
 
 def detect(first: bytes) -> str | None:
