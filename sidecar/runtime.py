@@ -50,6 +50,18 @@ def capture_ports(policy: Policy) -> Ports | str:
     return ports
 
 
+def own_mark_settable(mark: int) -> bool:
+    """Whether this process may put ``mark`` on its sockets (SO_MARK needs CAP_NET_ADMIN)."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        except OSError:
+            return False
+    return True
+
+
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
     """What changes when a file is rewritten or a ConfigMap's symlink is swapped."""
     try:
@@ -107,6 +119,8 @@ class Sidecar:
         await self._admin.start(self.policy.admin_listen)
         if self.policy.datapath.enabled:
             await self._start_datapath(self.policy)
+        if self.policy.capture.enabled:
+            self._prepare_capture(self.policy)
         await self.proxy.start(self.policy.outbound_listen, self.policy.inbound.listen)
         self.listening = True
         if self.policy.capture.enabled:
@@ -141,6 +155,23 @@ class Sidecar:
         self.dp_state.error = None
         self.datapath = manager
         self.ctx.hooks = manager
+
+    def _prepare_capture(self, policy: Policy) -> None:
+        """Make sure our own upstream connections stay uncaptured, then let the proxy look
+        up original destinations. Raises ``DatapathError`` when they would loop back."""
+        cap = policy.capture
+        if own_mark_settable(cap.own_mark):
+            self.ctx.own_mark = cap.own_mark
+        elif os.geteuid() != cap.owner_uid:
+            raise DatapathError(
+                "capture",
+                f"cannot mark our sockets (SO_MARK needs CAP_NET_ADMIN) and not running as "
+                f"capture.owner_uid {cap.owner_uid} (uid {os.geteuid()}): our own upstream "
+                "connections would be captured again",
+            )
+        else:
+            self.ctx.own_mark = 0  # the uid rule keeps our connections out
+        self.ctx.capture = cap
 
     async def _install_capture(self, policy: Policy) -> None:
         """Our nftables table for the ports we listen on (a crashed run's table is replaced)."""
@@ -243,9 +274,11 @@ class Sidecar:
         if policy.capture != old.capture and self.listening:
             try:
                 if policy.capture.enabled:
+                    self._prepare_capture(policy)
                     await self._install_capture(policy)
                 else:
                     await self._remove_capture()
+                    self.ctx.capture = None
             except DatapathError as exc:
                 log.error("capture reload failed, previous table kept: %s", exc)
         self.metrics.known_colors(policy.colors)
@@ -277,6 +310,8 @@ class Sidecar:
             return False, "stopping"
         if not self.listening:
             return False, "listeners not up"
+        if self.policy.capture.enabled and self.capture_ports is None:
+            return False, "capture table not installed"
         if self.dp_state.enabled and self.dp_state.required and self.datapath is None:
             return False, f"data path required but not attached: {self.dp_state.error}"
         return True, "ready"

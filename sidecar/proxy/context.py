@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from sidecar.admin.metrics import ProxyMetrics
     from sidecar.coloring import Colorer
-    from sidecar.policy import Address, Timeouts
+    from sidecar.policy import Address, Capture, Timeouts
 
 Key = tuple[str, str, int]  # (color, host, port)
 
@@ -33,3 +33,7 @@ class ProxyContext:
     timeouts: Timeouts  # swapped on reload too
     app: Address  # the inbound side's upstream, swapped on reload
     hooks: FlowHooks | None = None  # may be set after start; a raising hook is logged
+    # Capture mode (the nftables table is ours): original destinations are looked up
+    # and protocols detected; None when connections reach the proxy only as a proxy.
+    capture: Capture | None = None
+    own_mark: int = 0  # SO_MARK of our upstream sockets (capture leaves them alone); 0: none

@@ -246,6 +246,7 @@ class Downstream(asyncio.Protocol):
         "ctx",
         "cur",
         "direction",
+        "dst",
         "early",
         "eof",
         "error_after",
@@ -278,6 +279,9 @@ class Downstream(asyncio.Protocol):
         self.loop = shared.loop
         self.direction = direction
         self.outbound = direction == "outbound"
+        # Where a captured client was going (set by the front door): the upstream is
+        # that address, Host untouched; None keeps the proxy's own rules (Host names it).
+        self.dst: tuple[str, int] | None = None
         self.counts: DirectionCounts = shared.ctx.metrics.direction(direction)
         # per connection
         self.transport: asyncio.Transport | None = None
@@ -615,7 +619,11 @@ class Downstream(asyncio.Protocol):
         try:
             if self.outbound:
                 url = ex.url
-                if url[:1] == b"/" and ex.host is not None:
+                if self.dst is not None and not ex.connect:
+                    hostport = self.dst  # captured: where the app was going, as it said it
+                    host, port = hostport
+                    target, new_host = url, None
+                elif url[:1] == b"/" and ex.host is not None:
                     # origin-form, the common case: the Host header names the upstream
                     try:
                         hostport = self.shared.authorities[ex.host]
@@ -641,7 +649,9 @@ class Downstream(asyncio.Protocol):
                 if ex.connect:
                     raise DownstreamProtocolError("CONNECT is not served on the inbound side", 405)
                 app = self.ctx.app
-                host, port = app.host, app.port
+                # captured: the app on the port the client dialled, so no Service
+                # needs its targetPort changed
+                host, port = app.host, app.port if self.dst is None else self.dst[1]
                 target, new_host = inbound_target(ex.method, ex.url)
                 color, reason = colorer.inbound(
                     ex.colors or (), ex.captured or _EMPTY, self.trusted
