@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import socket
 
 import pytest
 import websockets
@@ -21,6 +22,19 @@ from sidecar.policy import Address, Timeouts
 from sidecar.proxy import Proxy
 from tests.proto.backend import Backend
 from tests.proto.conftest import MakeProxy, port, raw, request, until, upstream
+
+
+def blocking_exchange(proxy_port: int, *parts: bytes) -> bytes:
+    """Send ``parts`` with blocking ``sendall`` (as a simple client does, reading nothing
+    until it has sent everything), then read to EOF; a reset raises ConnectionError."""
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as s:
+        for part in parts:
+            s.sendall(part)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
 
 IDLE = Timeouts(header_read=5.0, idle=1.0, connect=2.0, upstream_idle=5.0, drain=2.0)
 
@@ -127,8 +141,6 @@ async def test_rejected_upload_reads_its_413_not_a_reset(make_proxy: MakeProxy, 
 async def test_upload_to_an_unreachable_upstream_reads_its_502(
     make_proxy: MakeProxy, side: str
 ) -> None:
-    import socket
-
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
@@ -151,22 +163,16 @@ async def test_upload_behind_a_refused_pipelined_request_reads_the_answers(
 ) -> None:
     """Refused while an earlier request is answered (no request being parsed then): the
     client still sending gets every answer, not a reset."""
-    import socket
-
     host = f"127.0.0.1:{backend.port}"
 
-    def pipeline() -> bytes:
-        with socket.create_connection(("127.0.0.1", port(proxy)), timeout=10) as s:
-            s.sendall(request("GET", "/hold?s=0.5", host))
-            s.sendall(request("GET", "/big-head", host, {"X-Big": "v" * 70_000}))
-            s.sendall(b"POST /c HTTP/1.1\r\nHost: " + host.encode() + b"\r\n")
-            s.sendall(b"Content-Length: 20000000\r\n\r\n" + b"x" * (20 << 20))
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-            return data
+    upload = b"POST /c HTTP/1.1\r\nHost: %s\r\nContent-Length: 20000000\r\n\r\n" % host.encode()
+    parts = (
+        request("GET", "/hold?s=0.5", host),
+        request("GET", "/big-head", host, {"X-Big": "v" * 70_000}),
+        upload + b"x" * (20 << 20),
+    )
 
-    out = await asyncio.to_thread(pipeline)
+    out = await asyncio.to_thread(blocking_exchange, port(proxy), *parts)
     assert out.startswith(b"HTTP/1.1 200 ")
     assert b"HTTP/1.1 431 " in out
     assert [r.target for r in backend.requests] == ["/hold?s=0.5"]
@@ -177,22 +183,15 @@ async def test_upload_behind_pipelined_requests_survives_a_drain(
 ) -> None:
     """Drain answers the request in flight with ``Connection: close``; the requests queued
     behind it are still arriving, so the client reads that answer instead of a reset."""
-    import socket
-
     proxy = await make_proxy()
     host = f"127.0.0.1:{backend.port}"
 
-    def pipeline() -> bytes:
-        with socket.create_connection(("127.0.0.1", port(proxy)), timeout=10) as s:
-            s.sendall(request("GET", "/hold?s=0.5", host) + request("GET", "/b", host))
-            s.sendall(b"POST /c HTTP/1.1\r\nHost: " + host.encode() + b"\r\n")
-            s.sendall(b"Content-Length: 20000000\r\n\r\n" + b"x" * (20 << 20))
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-            return data
+    upload = b"POST /c HTTP/1.1\r\nHost: %s\r\nContent-Length: 20000000\r\n\r\n" % host.encode()
+    parts = (request("GET", "/hold?s=0.5", host) + request("GET", "/b", host), upload)
 
-    sending = asyncio.ensure_future(asyncio.to_thread(pipeline))
+    sending = asyncio.ensure_future(
+        asyncio.to_thread(blocking_exchange, port(proxy), *parts, b"x" * (20 << 20))
+    )
     assert await until(lambda: bool(backend.requests), timeout=3)
     await proxy.drain(3.0)
     out = await sending
@@ -224,7 +223,6 @@ async def test_a_client_uploading_when_the_upstream_dies_mid_answer_sees_a_failu
 ) -> None:
     """Not lingering here: a clean FIN would end a close-delimited HTTP/1.0 answer and
     pass the cut-off response for a complete one."""
-    import socket
 
     async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -233,21 +231,11 @@ async def test_a_client_uploading_when_the_upstream_dies_mid_answer_sees_a_failu
         writer.transport.abort()
 
     async with upstream(die) as up:
-
-        def post10() -> bytes:
-            with socket.create_connection(("127.0.0.1", port(proxy)), timeout=10) as s:
-                s.sendall(
-                    f"POST / HTTP/1.0\r\nHost: 127.0.0.1:{up}\r\n"
-                    "Content-Length: 20000000\r\n\r\n".encode()
-                )
-                s.sendall(b"x" * (20 << 20))
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-                return data
-
+        head = f"POST / HTTP/1.0\r\nHost: 127.0.0.1:{up}\r\nContent-Length: 20000000\r\n\r\n"
         with pytest.raises(ConnectionError):
-            await asyncio.to_thread(post10)
+            await asyncio.to_thread(
+                blocking_exchange, port(proxy), head.encode(), b"x" * (20 << 20)
+            )
 
 
 async def test_a_half_close_mid_request_is_not_lingered_on(proxy: Proxy, backend: Backend) -> None:
