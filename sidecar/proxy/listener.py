@@ -18,6 +18,7 @@ p.connection_made(transport); p.data_received(first_bytes)``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from sidecar.proxy.http1.downstream import Shared
 
 Endpoint = tuple[str, int]
+log = logging.getLogger(__name__)
 
 HTTP1, HTTP2, OPAQUE = "http1", "http2", "opaque"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -131,10 +133,13 @@ class Door:
         if self.h2 is None and not self._h2_missing:
             try:
                 from sidecar.proxy.http2 import H2Side
+
+                self.h2 = H2Side(self.ctx, self.loop)
             except ImportError:
                 self._h2_missing = True
-                return None
-            self.h2 = H2Side(self.ctx, self.loop)
+            except Exception:  # a binding that cannot load: HTTP/2 flows go on as opaque
+                log.exception("the HTTP/2 side cannot be made; HTTP/2 is relayed as opaque")
+                self._h2_missing = True
         return self.h2
 
     def protocol(self, proto: str, direction: str, dst: Endpoint | None) -> asyncio.Protocol:
