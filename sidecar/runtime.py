@@ -119,8 +119,7 @@ class Sidecar:
         await self._admin.start(self.policy.admin_listen)
         if self.policy.datapath.enabled:
             await self._start_datapath(self.policy)
-        if self.policy.capture.enabled:
-            self._prepare_capture(self.policy)
+        self._prepare_capture(self.policy)
         await self.proxy.start(self.policy.outbound_listen, self.policy.inbound.listen)
         self.listening = True
         if self.policy.capture.enabled:
@@ -157,12 +156,18 @@ class Sidecar:
         self.ctx.hooks = manager
 
     def _prepare_capture(self, policy: Policy) -> None:
-        """Make sure our own upstream connections stay uncaptured, then let the proxy look
-        up original destinations. Raises ``DatapathError`` when they would loop back."""
+        """Keep our own upstream connections out of any capture table, then let the proxy
+        look up original destinations.
+
+        Also with ``capture.enabled: false``: an init container may have installed the
+        table (``traffic-color capture install``), and a connection it redirected must be
+        served as captured, and our sockets marked when we may. Raises ``DatapathError``
+        when our own connections would loop back through a table we install.
+        """
         cap = policy.capture
         if own_mark_settable(cap.own_mark):
             self.ctx.own_mark = cap.own_mark
-        elif os.geteuid() != cap.owner_uid:
+        elif cap.enabled and os.geteuid() != cap.owner_uid:
             raise DatapathError(
                 "capture",
                 f"cannot mark our sockets (SO_MARK needs CAP_NET_ADMIN) and not running as "
@@ -273,12 +278,11 @@ class Sidecar:
         )
         if policy.capture != old.capture and self.listening:
             try:
+                self._prepare_capture(policy)
                 if policy.capture.enabled:
-                    self._prepare_capture(policy)
                     await self._install_capture(policy)
                 else:
                     await self._remove_capture()
-                    self.ctx.capture = None
             except DatapathError as exc:
                 log.error("capture reload failed, previous table kept: %s", exc)
         self.metrics.known_colors(policy.colors)

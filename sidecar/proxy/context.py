@@ -33,7 +33,7 @@ class ProxyContext:
     timeouts: Timeouts  # swapped on reload too
     app: Address  # the inbound side's upstream, swapped on reload
     hooks: FlowHooks | None = None  # may be set after start; a raising hook is logged
-    # Capture mode (the nftables table is ours): original destinations are looked up
-    # and protocols detected; None when connections reach the proxy only as a proxy.
+    # Capture settings: each accepted connection is checked for an original destination
+    # (a capture table redirected it) and its protocol detected; None: no such check.
     capture: Capture | None = None
     own_mark: int = 0  # SO_MARK of our upstream sockets (capture leaves them alone); 0: none

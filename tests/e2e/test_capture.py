@@ -313,3 +313,52 @@ def test_sigterm_removes_the_table_and_a_restart_after_sigkill_leaves_one(tmp_pa
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
         assert _nft_tables(ns) == []
+
+
+def test_a_table_installed_by_an_init_container_is_served_with_capture_disabled(tmp_path):
+    """Kubernetes' shape: ``capture install`` first (init container), then the sidecar with
+    ``enabled: false``; the app's plain call is colored all the same, and the sidecar's
+    own connection, marked, does not loop back (it runs as root here)."""
+    require_kernel()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        LIFECYCLE_POLICY.replace("capture: {enabled: true}", "capture: {enabled: false}")
+    )
+    log = tmp_path / "sidecar.log"
+    with Lab() as lab:
+        pod, srv = lab.netns("tcapk"), lab.netns("tcaps")
+        lab.veth(pod, "eth0", srv, "eth0")
+        for ns, addr in ((pod, "198.18.60.1/24"), (srv, "198.18.60.2/24")):
+            subprocess.run(
+                ["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"], check=True, timeout=20
+            )
+        backend = subprocess.Popen(
+            ["ip", "netns", "exec", srv, APP_PYTHON, str(BACKEND), "--name", "svc", "--port", "80"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        install = subprocess.run(
+            ["ip", "netns", "exec", pod, sys.executable, "-m", "sidecar", "capture", "install",
+             "--policy", str(policy)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert install.returncode == 0, install.stderr
+        proc = _start(pod, policy, log)
+        try:
+            _wait_ready(pod, proc, log)
+            argv = [*NOBODY, *CLEAN_ENV, "curl", "-s", "-m", "5", "http://198.18.60.2/"]
+            deadline = time.monotonic() + 10
+            while True:
+                out = subprocess.run(["ip", "netns", "exec", pod, *argv], capture_output=True,
+                                     text=True, timeout=15).stdout  # fmt: skip
+                if out.startswith("{") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)  # the backend may still be starting
+            answer = json.loads(out) if out.startswith("{") else {"error": out}
+            assert (answer.get("host"), answer.get("color")) == ("svc", "stable"), answer
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            backend.terminate()
+            backend.wait(10)
+        # The sidecar did not install the table, so it leaves it to whoever did.
+        assert _nft_tables(pod) == ["traffic_color"]
