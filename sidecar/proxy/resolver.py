@@ -1,0 +1,149 @@
+"""Lane names -> addresses, cached with positive and negative entries, each with a TTL.
+
+An empty lane is the common case of a gray release (most services have no canary
+yet), so what it costs matters: one lookup per TTL, not one per request. Answers
+come from c-ares through ``aiodns`` (``/etc/hosts`` first, then the resolvers of
+``/etc/resolv.conf``, without a thread per lookup), which gives each record's TTL.
+Where there is none (a hosts-file entry, a failed lookup: c-ares does not hand out
+the SOA minimum of a negative answer) the entry lives ``DEFAULT_TTL`` seconds,
+CoreDNS's TTL for cluster records and its negative cache floor. A lane found empty
+by connecting (refused, timed out) is cached the same way, so a dead lane host is
+not tried by every request either. Lookups of one name at the same time share one
+query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sidecar.proxy.lanes import NO_ADDRESS, UNRESOLVED, EmptyLane, is_ip
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 5.0  # seconds, for answers that carry no TTL (see the module docstring)
+MAX_TTL = 300.0  # a long DNS TTL still lets a lane that emptied be noticed within minutes
+MIN_TTL = 1.0
+OK = "ok"  # label value of traffic_color_lane_lookups_total{result} besides EMPTY reasons
+
+# host -> (addresses, ttl or None); raises EmptyLane(UNRESOLVED | NO_ADDRESS)
+Lookup = Callable[[str], Awaitable[tuple[tuple[str, ...], float | None]]]
+
+
+@dataclass(slots=True)
+class Entry:
+    """A cached answer: addresses, or the reason the name has none, until ``expires``."""
+
+    addresses: tuple[str, ...]
+    reason: str | None  # None: usable; else an EMPTY reason
+    expires: float
+
+
+class ResolverCache:
+    """Lane host names -> addresses; one per sidecar, kept across policy reloads."""
+
+    def __init__(
+        self,
+        lookup: Lookup | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_lookup: Callable[[str], None] | None = None,
+    ) -> None:
+        self._lookup = lookup or _aiodns_lookup()
+        self._clock = clock
+        self._on_lookup = on_lookup  # told each lookup's result (metrics)
+        self._entries: dict[str, Entry] = {}
+        self._pending: dict[str, asyncio.Future[Entry]] = {}
+
+    async def resolve(self, host: str) -> tuple[str, ...]:
+        """The addresses of ``host``; raises ``EmptyLane`` while it has none."""
+        if is_ip(host):
+            reason = self.known_empty(host)
+            if reason is not None:
+                raise EmptyLane(host, reason)
+            return (host,)
+        entry = self._entries.get(host)
+        if entry is None or entry.expires <= self._clock():
+            pending = self._pending.get(host)
+            if pending is None:
+                pending = self._pending[host] = asyncio.ensure_future(self._refresh(host))
+                pending.add_done_callback(lambda _: self._pending.pop(host, None))
+            entry = await asyncio.shield(pending)
+        if entry.reason is not None:
+            raise EmptyLane(host, entry.reason)
+        return entry.addresses
+
+    async def _refresh(self, host: str) -> Entry:
+        try:
+            addresses, ttl = await self._lookup(host)
+            reason = None if addresses else NO_ADDRESS
+        except EmptyLane as exc:
+            addresses, ttl, reason = (), None, exc.reason
+        except Exception as exc:  # a resolver failure: the lane cannot be found
+            log.info("lookup of lane host %s failed: %s", host, exc)
+            addresses, ttl, reason = (), None, UNRESOLVED
+        if self._on_lookup is not None:
+            self._on_lookup(reason or OK)
+        life = DEFAULT_TTL if not ttl else min(MAX_TTL, max(MIN_TTL, ttl))
+        entry = self._entries[host] = Entry(addresses, reason, self._clock() + life)
+        return entry
+
+    def mark_empty(self, host: str, reason: str) -> None:
+        """Connecting found the lane empty: say so for a TTL without trying it again."""
+        if is_ip(host):
+            host = f"ip:{host}"  # literals are never looked up, but are remembered
+        self._entries[host] = Entry((), reason, self._clock() + DEFAULT_TTL)
+
+    def known_empty(self, host: str) -> str | None:
+        """Why ``host`` is empty for now, if a live entry says so (no lookup)."""
+        entry = self._entries.get(f"ip:{host}" if is_ip(host) else host)
+        if entry is None or entry.expires <= self._clock():
+            return None
+        return entry.reason
+
+    def state(self, host: str) -> dict:
+        """What the cache knows of ``host`` now, for ``/status``."""
+        entry = self._entries.get(f"ip:{host}" if is_ip(host) else host)
+        if entry is None:
+            return {"state": "unknown"}
+        left = round(entry.expires - self._clock(), 1)
+        if left <= 0:
+            return {"state": "expired"}
+        if entry.reason is not None:
+            return {"state": "empty", "reason": entry.reason, "ttl_left": left}
+        return {"state": "ready", "addresses": list(entry.addresses), "ttl_left": left}
+
+
+def _aiodns_lookup() -> Lookup:
+    """A lookup through c-ares; the resolver is made on first use, in the running loop."""
+    import aiodns
+    from aiodns import error as ares
+
+    resolver: list[aiodns.DNSResolver] = []
+
+    async def lookup(host: str) -> tuple[tuple[str, ...], float | None]:
+        if not resolver:
+            resolver.append(aiodns.DNSResolver(loop=asyncio.get_running_loop()))
+        try:
+            result = await resolver[0].getaddrinfo(
+                host, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM
+            )
+        except ares.DNSError as exc:
+            code = exc.args[0] if exc.args else None
+            raise EmptyLane(host, NO_ADDRESS if code == ares.ARES_ENODATA else UNRESOLVED) from None
+        addresses: list[str] = []
+        ttls = []
+        # IPv4 first: a dual-stack name is reached the way most clusters route.
+        for node in sorted(result.nodes, key=lambda n: n.family != socket.AF_INET):
+            addr = node.addr[0]
+            addr = addr.decode() if isinstance(addr, bytes) else addr
+            if addr not in addresses:
+                addresses.append(addr)
+            if node.ttl > 0:
+                ttls.append(node.ttl)
+        return tuple(addresses), (min(ttls) if ttls else None)
+
+    return lookup
