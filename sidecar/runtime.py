@@ -71,6 +71,8 @@ class Sidecar:
             timeouts=policy.timeouts,
             app=policy.inbound.app,
         )
+        self._resolver = None  # the lanes' resolver cache, made with the first route
+        self.ctx.lanes = self._lanes(policy)
         self.proxy = Proxy(self.ctx)
         self.datapath = None  # DatapathManager once attached
         self.dp_state = DatapathState(policy.datapath.enabled, policy.datapath.required)
@@ -80,6 +82,17 @@ class Sidecar:
         self.stopping = False
         self._admin = None
         self._reload_lock = asyncio.Lock()
+
+    def _lanes(self, policy: Policy):
+        """The lane router of ``policy``, or None when it defines no route (no lookups)."""
+        if not policy.routes:
+            return None
+        from sidecar.proxy.lanerouter import LaneRouter
+        from sidecar.proxy.resolver import ResolverCache
+
+        if self._resolver is None:
+            self._resolver = ResolverCache(on_lookup=self.metrics.lane_lookup)
+        return LaneRouter(policy, self._resolver, self.metrics)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -199,6 +212,7 @@ class Sidecar:
             self.dp_state.error if dp_new.enabled and self.datapath is None else None,
         )
         self.ctx.colorer = Colorer(policy, self.pod_color)
+        self.ctx.lanes = self._lanes(policy)
         self.ctx.timeouts = policy.timeouts
         self.ctx.app = policy.inbound.app
         self.policy = policy
@@ -271,6 +285,7 @@ class Sidecar:
                     **({"admin": self.admin_address} if self.admin_address else {}),
                 }.items()
             },
+            "lanes": self.ctx.lanes.status() if self.ctx.lanes is not None else [],
             "open_flows": self.proxy.open_flows(),
             "parked_flows": self.proxy.parked_flows(),
             "datapath": {
