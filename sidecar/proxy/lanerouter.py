@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# connect(address, port, timeout) -> a connection; raises TimeoutError or OSError
-Connect = Callable[[str, int, float], Awaitable[T]]
+# connect(address, timeout) -> a connection to that address at the choice's port;
+# raises TimeoutError or OSError
+Connect = Callable[[str, float], Awaitable[T]]
 
 
 class LaneRouter:
@@ -37,7 +38,7 @@ class LaneRouter:
         """A connection to ``choice``'s lane; raises ``EmptyLane`` when it has nobody."""
         addresses = await self.cache.resolve(choice.host)
         try:
-            return await connect(addresses[0], choice.port, self.timeout)
+            return await connect(addresses[0], self.timeout)
         except TimeoutError:
             reason = TIMEOUT
         except OSError:  # refused, reset at once, unreachable: an answer that says no

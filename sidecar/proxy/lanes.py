@@ -19,7 +19,7 @@ calls the same three functions with ``:authority``)::
     choice = ctx.lanes.choose(color, host, port, carried)   # pure, cached
     if choice.why == LANE:
         try:
-            conn = await ctx.lanes.open(choice, connect)     # connect(ip, port, timeout)
+            conn = await ctx.lanes.open(choice, connect)     # connect(ip, timeout)
         except EmptyLane as exc:
             choice = ctx.lanes.fall_back(choice, exc.reason) # counted; None: answer 503
                                                              # (gRPC: UNAVAILABLE)
