@@ -77,12 +77,21 @@ BAGGAGE = (
     "traffic_color_baggage_total",
     "Requests whose W3C Baggage color member was used, disagreed with the header, or not read.",
 )
+CONNECTIONS = (
+    "traffic_color_connections_total",
+    "Client connections accepted, by direction and the protocol detected on them.",
+)
+OPAQUE_BYTES = (
+    "traffic_color_opaque_bytes_total",
+    "Bytes relayed as opaque TCP (both ways), by direction and the flow's color.",
+)
+PROTOCOLS = ("http1", "http2", "opaque")
 
 
 class DirectionCounts:
     """The request and rewrite counts of one direction, written by that side's hot path."""
 
-    __slots__ = ("baggage", "histograms", "requests", "rewrites")
+    __slots__ = ("baggage", "connections", "histograms", "opaque_bytes", "requests", "rewrites")
 
     def __init__(self) -> None:
         # color -> code -> [count, the color's histogram]
@@ -94,6 +103,10 @@ class DirectionCounts:
         # its first rewrite, as Prometheus advises for label values known up front.
         self.rewrites: dict[str, int] = dict.fromkeys(REASONS, 0)
         self.baggage: dict[str, int] = dict.fromkeys(EVENTS, 0)  # the same, for baggage
+        # Protocol -> connections (the front door adds in place); color -> opaque bytes,
+        # seeded with the policy's colors by ``ProxyMetrics.known_colors``.
+        self.connections: dict[str, int] = dict.fromkeys(PROTOCOLS, 0)
+        self.opaque_bytes: dict[str, int] = {}
 
     def request(self, color: str, code: int, seconds: float) -> None:
         try:
@@ -146,6 +159,12 @@ class ProxyMetrics(Collector):
     def lane_lookup(self, result: str) -> None:
         self._lane_lookups[result] = self._lane_lookups.get(result, 0) + 1
 
+    def known_colors(self, names: Iterable[str]) -> None:
+        """Colors whose opaque byte series read 0 before their first byte."""
+        for counts in self.directions.values():
+            for name in names:
+                counts.opaque_bytes.setdefault(name, 0)
+
     def reload(self, ok: bool) -> None:
         result = "success" if ok else "failure"
         self._reloads[result] = self._reloads.get(result, 0) + 1
@@ -154,7 +173,7 @@ class ProxyMetrics(Collector):
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: lets the registry refuse a duplicate name."""
-        yield from self._families({}, {}, {}, {}, {})
+        yield from self._families({}, {}, {}, {}, {}, {}, {})
         yield from self._lane_families({}, {}, {})
 
     def collect(self) -> Iterator[Metric]:
@@ -162,7 +181,13 @@ class ProxyMetrics(Collector):
         req: dict[tuple[str, str, int], int] = {}
         hist: dict[tuple[str, str], list] = {}
         rew: dict[tuple[str, str], int] = {}
+        conns: dict[tuple[str, str], int] = {}
+        opaque: dict[tuple[str, str], int] = {}
         for direction, counts in self.directions.items():
+            for proto, n in counts.connections.copy().items():
+                conns[(direction, proto)] = n
+            for color, n in counts.opaque_bytes.copy().items():
+                opaque[(direction, color)] = n
             for color, codes in counts.requests.copy().items():
                 for code, cell in codes.copy().items():
                     req[(direction, color, code)] = cell[0]
@@ -170,7 +195,9 @@ class ProxyMetrics(Collector):
                 hist[(direction, color)] = cells[:]
             for reason, n in counts.rewrites.copy().items():
                 rew[(direction, reason)] = n
-        yield from self._families(req, hist, rew, self._flows.copy(), self._reloads.copy())
+        yield from self._families(
+            req, hist, rew, self._flows.copy(), self._reloads.copy(), conns, opaque
+        )
         bag = {
             (direction, event): n
             for direction, counts in self.directions.items()
@@ -204,6 +231,8 @@ class ProxyMetrics(Collector):
         rew: dict[tuple[str, str], int],
         flows: dict[str, int],
         reloads: dict[str, int],
+        conns: dict[tuple[str, str], int],
+        opaque: dict[tuple[str, str], int],
     ) -> Iterator[Metric]:
         requests = CounterMetricFamily(*REQUESTS, labels=("direction", "color", "code"))
         for (direction, color, code), n in req.items():
@@ -230,6 +259,14 @@ class ProxyMetrics(Collector):
         for result, n in reloads.items():
             reload_family.add_metric((result,), float(n))
         yield reload_family
+        connections = CounterMetricFamily(*CONNECTIONS, labels=("direction", "protocol"))
+        for labels, n in conns.items():
+            connections.add_metric(labels, float(n))
+        yield connections
+        opaque_bytes = CounterMetricFamily(*OPAQUE_BYTES, labels=("direction", "color"))
+        for labels, n in opaque.items():
+            opaque_bytes.add_metric(labels, float(n))
+        yield opaque_bytes
 
 
 class KernelCollector(Collector):
