@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.admin.metrics import ProxyMetrics
 from sidecar.coloring import Colorer
 from sidecar.policy import Address, Timeouts
 from sidecar.proxy.protocol import Downstream, Shared, access_log
+
+if TYPE_CHECKING:
+    from sidecar.proxy.lanerouter import LaneRouter
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class ProxyContext:
     timeouts: Timeouts  # swapped on reload too
     app: Address  # the inbound side's upstream, swapped on reload
     hooks: FlowHooks | None = None  # may be set after start; a raising hook is logged
+    lanes: LaneRouter | None = None  # outbound.routes; swapped on reload; None: no routes
 
 
 def sweep_interval(t: Timeouts) -> float:
