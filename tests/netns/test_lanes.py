@@ -281,3 +281,15 @@ def test_without_opentelemetry_an_app_that_copies_nothing_loses_the_color(lab: L
     code, got = lab.get_json("http://127.0.0.21:8080/", "x-traffic-color: canary")
     assert code == 200, got
     assert (got["next"]["name"], got["next"]["color"]) == ("reviews-stable", "stable"), got
+
+
+def test_the_demos_second_act(capsys: pytest.CaptureFixture[str]) -> None:
+    """edge -> A -> B -> C: canary served by b-canary only, still canary at C."""
+    from sidecar.demo import chain
+
+    assert chain.second_act() == 0
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("x-user-group", "("))]
+    assert ["x-user-group:", "beta", "a", "b-canary", "c", "canary", "ok"] in rows, out
+    assert ["(none)", "a", "b", "c", "stable", "ok"] in rows, out
+    assert 'reason="unresolved"' in out and "act two OK" in out
