@@ -18,6 +18,7 @@ Host, color and baggage they received.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,6 +246,7 @@ def test_debug_route_and_status_show_lanes(lab: LaneLab) -> None:
     out = lab.curl(f"http://{ADMIN}/debug/route?color=stable&host=reviews").stdout
     assert json.loads(out)["why"] == "stable"
     get(lab, "svc-refused", "x-traffic-color: canary")
+    get(lab, "reviews", "x-traffic-color: canary")
     out = lab.curl(f"http://{ADMIN}/debug/route?color=canary&host=svc-refused:9080").stdout
     route = json.loads(out)
     assert (route["why"], route["reason"], route["destination"]) == (
@@ -256,6 +258,15 @@ def test_debug_route_and_status_show_lanes(lab: LaneLab) -> None:
     routes = {r["host"]: r for r in status["lanes"]}
     assert routes["reviews"]["lanes"]["canary"]["state"] == "ready"
     assert routes["svc-refused"]["lanes"]["canary"]["state"] == "empty"
+    # what an operator types
+    argv = [sys.executable, "-m", "sidecar", "status", "--admin", f"http://{ADMIN}"]
+    out = subprocess.run(lab.argv(argv), capture_output=True, text=True, timeout=30).stdout
+    lines = {
+        ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("reviews ", "svc-"))
+    }
+    assert lines["reviews"][:5] == ["reviews", "canary", "reviews-canary", "stable", "ready"], out
+    assert lines["svc-refused"][4:6] == ["empty", "(refused),"], out
+    assert lines["svc-fail"][3] == "fail", out
 
 
 def test_an_opentelemetry_app_carries_the_color_in_baggage(lab: LaneLab) -> None:
