@@ -33,10 +33,21 @@ EVENTS = (USED, DISAGREE, MALFORMED, UNKNOWN, OVER_LIMIT)
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = rb"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"  # baggage-octet
 _OWS = rb"[ \t]*"
-_MEMBER_RE = re.compile(
-    rb"(%s)%s=%s(%s)(?:%s;%s%s(?:%s=%s%s)?)*\Z"
-    % (_TOKEN, _OWS, _OWS, _VALUE, _OWS, _OWS, _TOKEN, _OWS, _OWS, _VALUE)
+_MEMBER = rb"%s%s=%s%s(?:%s;%s%s(?:%s=%s%s)?)*" % (
+    _TOKEN,
+    _OWS,
+    _OWS,
+    _VALUE,
+    _OWS,
+    _OWS,
+    _TOKEN,
+    _OWS,
+    _OWS,
+    _VALUE,
 )
+# A whole header value: members separated by commas, empty list elements allowed.
+# One match per header line, not one per member: this runs on every request.
+_LIST_RE = re.compile(rb"[ \t,]*(?:%s(?:[ \t]*,[ \t,]*%s)*)?[ \t,]*\Z" % (_MEMBER, _MEMBER))
 
 
 def members(values: Sequence[bytes]) -> list[bytes] | None:
@@ -46,13 +57,12 @@ def members(values: Sequence[bytes]) -> list[bytes] | None:
         return None
     out = []
     for value in values:
+        if _LIST_RE.match(value) is None:
+            return None
         for part in value.split(b","):
             member = part.strip(b" \t")
-            if not member:
-                continue  # an empty list element (RFC 9110 section 5.6.1)
-            if _MEMBER_RE.match(member) is None:
-                return None
-            out.append(member)
+            if member:  # else an empty list element (RFC 9110 section 5.6.1)
+                out.append(member)
     return out if len(out) <= MAX_MEMBERS else None
 
 
@@ -65,10 +75,10 @@ def member_value(found: list[bytes], key: bytes) -> tuple[bytes | None, bool]:
     no second member of that key names another value."""
     value = None
     for member in found:
-        if _key_of(member) == key:
-            match = _MEMBER_RE.match(member)
-            assert match is not None  # ``members`` checked every one
-            got = unquote_to_bytes(match.group(2))
+        if member.startswith(key) and _key_of(member) == key:
+            got = member.split(b"=", 1)[1].split(b";", 1)[0].strip(b" \t")
+            if b"%" in got:
+                got = unquote_to_bytes(got)
             if value is not None and got != value:
                 return value, False
             value = got

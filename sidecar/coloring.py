@@ -77,6 +77,14 @@ class Colorer:
         # The W3C Baggage member that carries the color, or None: baggage is off.
         key = policy.baggage_key
         self.baggage_key: bytes | None = key.encode("ascii") if key is not None else None
+        # color -> what a request without baggage gets: the color member alone
+        self._bag_alone = {
+            name: (b"%s=%s" % (self.baggage_key, name.encode("ascii")),)
+            for name in policy.colors
+            if self.baggage_key is not None
+        }
+        # Apps repeat the same few baggage values: decisions remembered per value.
+        self._bag_cache: dict[tuple, tuple[str, str | None, str | None, tuple[bytes, ...]]] = {}
 
     # ------------------------------------------------------------ shared
 
@@ -100,7 +108,7 @@ class Colorer:
 
     def with_baggage(
         self, color: str, reason: str | None, values: Sequence[bytes], trusted: bool
-    ) -> tuple[str, str | None, str | None, list[bytes]]:
+    ) -> tuple[str, str | None, str | None, tuple[bytes, ...]]:
         """Apply a request's ``baggage`` headers to the color its header (or the rules)
         gave: ``(color, reason, baggage event or None, baggage values to forward)``.
 
@@ -110,10 +118,26 @@ class Colorer:
         the final color; malformed baggage, or baggage the member would push past the
         W3C limits, goes on untouched.
         """
+        if not values:
+            return color, reason, None, self._bag_alone[color]
+        cache_key = (color, reason, trusted, *values)
+        try:
+            return self._bag_cache[cache_key]
+        except KeyError:
+            pass
+        decided = self._with_baggage(color, reason, values, trusted)
+        if len(self._bag_cache) >= 4096:
+            self._bag_cache.clear()
+        self._bag_cache[cache_key] = decided
+        return decided
+
+    def _with_baggage(
+        self, color: str, reason: str | None, values: Sequence[bytes], trusted: bool
+    ) -> tuple[str, str | None, str | None, tuple[bytes, ...]]:
         key: bytes = self.baggage_key  # type: ignore[assignment]
-        found = baggage.members(values) if values else []
+        found = baggage.members(values)
         if found is None:
-            return color, reason, baggage.MALFORMED, list(values)
+            return color, reason, baggage.MALFORMED, tuple(values)
         event = None
         value, single = baggage.member_value(found, key)
         if value is not None:
@@ -126,8 +150,8 @@ class Colorer:
                 event = baggage.DISAGREE
         out = baggage.with_color(found, key, color.encode("ascii"))
         if out is None:
-            return color, reason, baggage.OVER_LIMIT, list(values)
-        return color, reason, event, [out]
+            return color, reason, baggage.OVER_LIMIT, tuple(values)
+        return color, reason, event, (out,)
 
     # ------------------------------------------------------------ outbound
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from sidecar.admin.metrics import ProxyMetrics
     from sidecar.coloring import Colorer
     from sidecar.policy import Address, Timeouts
+    from sidecar.proxy.lanerouter import LaneRouter
 
 Key = tuple[str, str, int]  # (color, host, port)
 
@@ -33,3 +34,4 @@ class ProxyContext:
     timeouts: Timeouts  # swapped on reload too
     app: Address  # the inbound side's upstream, swapped on reload
     hooks: FlowHooks | None = None  # may be set after start; a raising hook is logged
+    lanes: LaneRouter | None = None  # outbound.routes; swapped on reload; None: no routes

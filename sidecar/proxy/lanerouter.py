@@ -36,6 +36,9 @@ class LaneRouter:
 
     async def open(self, choice: Choice, connect: Connect[T]) -> T:
         """A connection to ``choice``'s lane; raises ``EmptyLane`` when it has nobody."""
+        down = self.cache.known_down(choice.host, choice.port)
+        if down is not None:
+            raise EmptyLane(choice.host, down)
         addresses = await self.cache.resolve(choice.host)
         try:
             return await connect(addresses[0], self.timeout)
@@ -43,7 +46,7 @@ class LaneRouter:
             reason = TIMEOUT
         except OSError:  # refused, reset at once, unreachable: an answer that says no
             reason = REFUSED
-        self.cache.mark_empty(choice.host, reason)
+        self.cache.mark_down(choice.host, choice.port, reason)
         raise EmptyLane(choice.host, reason)
 
     def fall_back(self, choice: Choice, reason: str) -> Choice | None:
@@ -59,8 +62,8 @@ class LaneRouter:
         choice = self.table.choose(color, host, port, True)
         out = choice.describe()
         if choice.route is not None and choice.why == "lane":
-            out["lane"] = self.cache.state(choice.host)
-            reason = self.cache.known_empty(choice.host)
+            out["lane"] = self.cache.state(choice.host, choice.port)
+            reason = out["lane"].get("reason")
             if reason is not None:
                 fallback = self.table.fallback(choice, reason)
                 out = {**out, **fallback.describe(), "lane": out["lane"]}

@@ -125,9 +125,13 @@ class Pool:
         else:
             stack.append(conn)
 
-    async def connect(self, key: Key) -> UpstreamConnection:
+    async def connect(
+        self, key: Key, address: str | None = None, timeout: float | None = None
+    ) -> UpstreamConnection:
         """A revived parked connection for ``key``, else a new one.
 
+        ``address`` (a lane's, looked up by the lane resolver cache) is connected to
+        instead of the key's host, within ``timeout`` instead of ``timeouts.connect``.
         Raises TimeoutError or OSError when a new one cannot be made.
         """
         parked = self.parked.get(key)
@@ -136,20 +140,21 @@ class Pool:
             if conn is not None:
                 return conn
         _, host, port = key
+        host = address or host
         key = self._keys.setdefault(key, key)
         if len(self._keys) > _KEYS_CACHE:
             self._keys.clear()
         # A timeout scope, not ``wait_for``: no second task per connect (a burst of a
         # thousand requests opens a thousand at once).
-        async with asyncio.timeout(self.ctx.timeouts.connect):
+        async with asyncio.timeout(timeout or self.ctx.timeouts.connect):
             if self.ctx.hooks is not None:
-                return await self._connect_colored(key)
+                return await self._connect_colored(key, host)
             _, conn = await self.loop.create_connection(
                 lambda: UpstreamConnection(self, key), host, port
             )
             return conn
 
-    async def _connect_colored(self, key: Key) -> UpstreamConnection:
+    async def _connect_colored(self, key: Key, host: str) -> UpstreamConnection:
         """Register the flow before its SYN leaves, then connect.
 
         A router routes each packet by its mark, so an unmarked handshake would
@@ -159,7 +164,7 @@ class Pool:
         the registration (each flow hears ``flow_open`` exactly once) and ``lost``
         removes it; a connect that fails is unregistered here.
         """
-        color, host, port = key
+        color, _, port = key
         hooks = self.ctx.hooks
         try:  # an address literal needs no resolver thread
             infos = socket.getaddrinfo(

@@ -56,14 +56,13 @@ class ResolverCache:
         self._clock = clock
         self._on_lookup = on_lookup  # told each lookup's result (metrics)
         self._entries: dict[str, Entry] = {}
+        # (host, port) -> (reason, until): lanes found empty by connecting
+        self._down: dict[tuple[str, int], tuple[str, float]] = {}
         self._pending: dict[str, asyncio.Future[Entry]] = {}
 
     async def resolve(self, host: str) -> tuple[str, ...]:
         """The addresses of ``host``; raises ``EmptyLane`` while it has none."""
         if is_ip(host):
-            reason = self.known_empty(host)
-            if reason is not None:
-                raise EmptyLane(host, reason)
             return (host,)
         entry = self._entries.get(host)
         if entry is None or entry.expires <= self._clock():
@@ -91,22 +90,31 @@ class ResolverCache:
         entry = self._entries[host] = Entry(addresses, reason, self._clock() + life)
         return entry
 
-    def mark_empty(self, host: str, reason: str) -> None:
+    def mark_down(self, host: str, port: int, reason: str) -> None:
         """Connecting found the lane empty: say so for a TTL without trying it again."""
-        if is_ip(host):
-            host = f"ip:{host}"  # literals are never looked up, but are remembered
-        self._entries[host] = Entry((), reason, self._clock() + DEFAULT_TTL)
+        if len(self._down) >= 4096:
+            self._down.clear()
+        self._down[(host, port)] = (reason, self._clock() + DEFAULT_TTL)
 
-    def known_empty(self, host: str) -> str | None:
-        """Why ``host`` is empty for now, if a live entry says so (no lookup)."""
-        entry = self._entries.get(f"ip:{host}" if is_ip(host) else host)
-        if entry is None or entry.expires <= self._clock():
+    def known_down(self, host: str, port: int) -> str | None:
+        """Why ``host:port`` refused or timed out, while that is still news (no lookup)."""
+        found = self._down.get((host, port))
+        if found is None:
             return None
-        return entry.reason
+        if found[1] <= self._clock():
+            del self._down[(host, port)]
+            return None
+        return found[0]
 
-    def state(self, host: str) -> dict:
-        """What the cache knows of ``host`` now, for ``/status``."""
-        entry = self._entries.get(f"ip:{host}" if is_ip(host) else host)
+    def state(self, host: str, port: int = 0) -> dict:
+        """What the cache knows of ``host`` (at ``port``; 0: any) now, for ``/status``."""
+        now = self._clock()
+        for (h, p), (reason, until) in list(self._down.items()):
+            if h == host and (p == port or not port) and until > now:
+                return {"state": "empty", "reason": reason, "ttl_left": round(until - now, 1)}
+        if is_ip(host):
+            return {"state": "ready", "addresses": [host]}
+        entry = self._entries.get(host)
         if entry is None:
             return {"state": "unknown"}
         left = round(entry.expires - self._clock(), 1)

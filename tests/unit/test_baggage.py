@@ -75,12 +75,13 @@ def test_writing_never_breaks_the_limits() -> None:
 def test_no_header_takes_the_members_color_when_trusted() -> None:
     c = colorer()
     color, reason, event, out = c.with_baggage("stable", MISSING, [b"traffic-color=canary"], True)
-    assert (color, reason, event, out) == ("canary", None, baggage.USED, [b"traffic-color=canary"])
+    assert (color, reason, event, out) == ("canary", None, baggage.USED, (b"traffic-color=canary",))
     # inbound from a source whose color is not trusted: neither header nor baggage counts
     color, reason, event, out = c.with_baggage(
         "stable", UNTRUSTED, [b"a=1,traffic-color=canary"], False
     )
-    assert (color, reason, event, out) == ("stable", UNTRUSTED, None, [b"a=1,traffic-color=stable"])
+    assert (color, reason, event) == ("stable", UNTRUSTED, None)
+    assert out == (b"a=1,traffic-color=stable",)
     color, _, event, _ = c.with_baggage("stable", MISSING, [b"traffic-color=canary"], False)
     assert color == "stable" and event is None
 
@@ -88,14 +89,14 @@ def test_no_header_takes_the_members_color_when_trusted() -> None:
 def test_header_wins_over_a_disagreeing_member_and_is_counted() -> None:
     c = colorer()
     got = c.with_baggage("stable", None, [b"traffic-color=canary"], True)
-    assert got == ("stable", None, baggage.DISAGREE, [b"traffic-color=stable"])
+    assert got == ("stable", None, baggage.DISAGREE, (b"traffic-color=stable",))
     assert c.with_baggage("canary", None, [b"traffic-color=canary"], True)[2] is None
 
 
 def test_unknown_or_repeated_member_colors_are_not_read() -> None:
     c = colorer()
     got = c.with_baggage("stable", MISSING, [b"traffic-color=purple"], True)
-    assert got == ("stable", MISSING, baggage.UNKNOWN, [b"traffic-color=stable"])
+    assert got == ("stable", MISSING, baggage.UNKNOWN, (b"traffic-color=stable",))
     got = c.with_baggage("stable", MISSING, [b"traffic-color=canary,traffic-color=blue"], True)
     assert got[:3] == ("stable", MISSING, baggage.UNKNOWN)
     # a bad header is not rescued by the member: the header's reason stands
@@ -106,10 +107,15 @@ def test_unknown_or_repeated_member_colors_are_not_read() -> None:
 def test_malformed_baggage_is_passed_on_untouched_and_never_trusted() -> None:
     values = [b"traffic-color=canary", b"bad member"]
     got = colorer().with_baggage("stable", MISSING, values, True)
-    assert got == ("stable", MISSING, baggage.MALFORMED, values)
+    assert got == ("stable", MISSING, baggage.MALFORMED, tuple(values))
 
 
 def test_over_the_limit_is_passed_on_untouched() -> None:
     values = [b",".join(b"k%d=v" % i for i in range(64))]
     got = colorer(pod="canary").with_baggage("canary", MISSING, values, True)
-    assert got == ("canary", MISSING, baggage.OVER_LIMIT, values)
+    assert got == ("canary", MISSING, baggage.OVER_LIMIT, tuple(values))
+
+
+def test_a_request_without_baggage_gets_the_member_alone() -> None:
+    got = colorer().with_baggage("canary", None, (), True)
+    assert got == ("canary", None, None, (b"traffic-color=canary",))

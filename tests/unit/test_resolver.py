@@ -91,22 +91,17 @@ async def test_lookups_at_the_same_time_share_one_query() -> None:
     assert dns.lookups == ["r"]
 
 
-async def test_a_lane_found_empty_by_connecting_is_remembered() -> None:
+async def test_a_lane_found_empty_by_connecting_is_remembered_per_port() -> None:
     dns = FakeDNS()
-    dns.table["r"] = (("10.0.0.1",), 60.0)
     cache = dns.cache()
-    await cache.resolve("r")
-    cache.mark_empty("r", REFUSED)
-    with pytest.raises(EmptyLane) as info:
-        await cache.resolve("r")
-    assert info.value.reason == REFUSED and cache.state("r")["state"] == "empty"
-    cache.mark_empty("10.9.9.9", REFUSED)  # address literals too, without lookups
-    with pytest.raises(EmptyLane):
-        await cache.resolve("10.9.9.9")
+    cache.mark_down("r", 9080, REFUSED)
+    assert cache.known_down("r", 9080) == REFUSED
+    assert cache.known_down("r", 9081) is None  # another port of the same host
+    assert cache.state("r", 9080)["state"] == "empty"
+    assert cache.state("r")["reason"] == REFUSED  # any port
     dns.now += DEFAULT_TTL + 0.1
-    assert await cache.resolve("r") == ("10.0.0.1",)
-    assert await cache.resolve("10.9.9.9") == ("10.9.9.9",)
-    assert dns.lookups == ["r", "r"]
+    assert cache.known_down("r", 9080) is None
+    assert dns.lookups == []
 
 
 async def test_a_failing_resolver_is_an_unresolved_lane() -> None:
