@@ -26,6 +26,13 @@ calls the same three functions with ``:authority``)::
     # else / then: connect to (choice.host, choice.port) as usual, keeping the color;
     # pool keys use (color, choice.host, choice.port), so lane flows never mix.
 
+For HTTP/2, where many streams wait on one new upstream connection of a lane key
+(``sidecar/proxy/http2/pool.py``), ``open`` wraps that connection's connect
+(``connect(ip, timeout)`` dials the address the cache found, at the key's port); on
+``EmptyLane`` each waiting stream gets ``fall_back`` (counted per stream) and is
+assigned again under ``(color, *choice.original)``, or fails UNAVAILABLE when
+``fall_back`` answers None. Streams that find a live lane connection need neither.
+
 Host matching, for a route ``reviews`` and cluster domain ``cluster.local``:
 ``reviews``, ``reviews.NS``, ``reviews.NS.svc`` and ``reviews.NS.svc.cluster.local``
 match, on any port; a route ``reviews.shop`` matches only namespace ``shop``. A
