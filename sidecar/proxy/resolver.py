@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = 5.0  # seconds, for answers that carry no TTL (see the module docstring)
 MAX_TTL = 300.0  # a long DNS TTL still lets a lane that emptied be noticed within minutes
 MIN_TTL = 1.0
+MAX_ENTRIES = 4096  # names (and lanes found down) remembered before starting over
 OK = "ok"  # label value of traffic_color_lane_lookups_total{result} besides EMPTY reasons
 
 # host -> (addresses, ttl or None); raises EmptyLane(UNRESOLVED | NO_ADDRESS)
@@ -87,12 +88,14 @@ class ResolverCache:
         if self._on_lookup is not None:
             self._on_lookup(reason or OK)
         life = DEFAULT_TTL if not ttl else min(MAX_TTL, max(MIN_TTL, ttl))
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries.clear()  # lane names qualified by what apps sent: bounded
         entry = self._entries[host] = Entry(addresses, reason, self._clock() + life)
         return entry
 
     def mark_down(self, host: str, port: int, reason: str) -> None:
         """Connecting found the lane empty: say so for a TTL without trying it again."""
-        if len(self._down) >= 4096:
+        if len(self._down) >= MAX_ENTRIES:
             self._down.clear()
         self._down[(host, port)] = (reason, self._clock() + DEFAULT_TTL)
 
