@@ -162,15 +162,21 @@ def _lane_lines(routes: list[dict]) -> list[str]:
     rows = []
     for route in routes:
         for color, lane in route["lanes"].items():
-            where = lane["host"] + (f":{lane['port']}" if lane.get("port") else "")
-            state = lane["state"]
-            if state == "ready":
-                state += " " + ",".join(lane["addresses"])
-            elif state == "empty":
-                state += f" ({lane['reason']})"
-            if "ttl_left" in lane:
-                state += f", {lane['ttl_left']}s left"
-            rows.append([route["host"], color, where, route["fallback"], state])
+            port = f":{lane['port']}" if lane.get("port") else ""
+            names = {lane["host"]: lane, **lane.get("names", {})}
+            for name, known in names.items():
+                rows.append([route["host"], color, name + port, route["fallback"], _state(known)])
         if not route["lanes"]:
             rows.append([route["host"], "-", "-", route["fallback"], "no lanes"])
     return ["", _table(["ROUTE", "COLOR", "LANE", "FALLBACK", "STATE"], rows)]
+
+
+def _state(lane: dict) -> str:
+    state = lane["state"]
+    if state == "ready":
+        state += " " + ",".join(lane["addresses"])
+    elif state == "empty":
+        state += f" ({lane['reason']})"
+    if "ttl_left" in lane:
+        state += f", {lane['ttl_left']}s left"
+    return state

@@ -81,8 +81,11 @@ class LaneRouter:
                 lanes[color] = {
                     "host": lane.host,
                     "port": lane.port or None,
-                    **self.cache.state(lane.host),
+                    **self.cache.state(lane.host, lane.port),
                 }
+                qualified = [n for n in self.cache.names_of(lane.host) if n != lane.host]
+                if qualified:
+                    lanes[color]["names"] = {n: self.cache.state(n, lane.port) for n in qualified}
             out.append(
                 {"host": route.host, "fallback": route.fallback, "line": route.line, "lanes": lanes}
             )

@@ -109,6 +109,13 @@ class ResolverCache:
             return None
         return found[0]
 
+    def names_of(self, lane_host: str) -> list[str]:
+        """Names the cache holds for a lane: ``lane_host`` itself and the namespace-qualified
+        forms requests made of it (``reviews-canary.shop.svc``), for ``/status``."""
+        prefix = lane_host + "."
+        known = {h for h, _ in list(self._down)} | set(list(self._entries))
+        return sorted(h for h in known if h == lane_host or h.startswith(prefix))
+
     def state(self, host: str, port: int = 0) -> dict:
         """What the cache knows of ``host`` (at ``port``; 0: any) now, for ``/status``."""
         now = self._clock()

@@ -257,14 +257,20 @@ def test_debug_route_and_status_show_lanes(lab: LaneLab) -> None:
     status = json.loads(lab.curl(f"http://{ADMIN}/status").stdout)
     routes = {r["host"]: r for r in status["lanes"]}
     assert routes["reviews"]["lanes"]["canary"]["state"] == "ready"
+    get(lab, "reviews.default", "x-traffic-color: canary")
+    status = json.loads(lab.curl(f"http://{ADMIN}/status").stdout)
+    names = {r["host"]: r for r in status["lanes"]}["reviews"]["lanes"]["canary"]["names"]
+    assert names["reviews-canary.default"]["state"] == "ready"
     assert routes["svc-refused"]["lanes"]["canary"]["state"] == "empty"
     # what an operator types
     argv = [sys.executable, "-m", "sidecar", "status", "--admin", f"http://{ADMIN}"]
     out = subprocess.run(lab.argv(argv), capture_output=True, text=True, timeout=30).stdout
-    lines = {
-        ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("reviews ", "svc-"))
-    }
-    assert lines["reviews"][:5] == ["reviews", "canary", "reviews-canary", "stable", "ready"], out
+    # ROUTE COLOR LANE FALLBACK STATE, keyed by (route, lane)
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith(("reviews ", "svc-"))]
+    lanes = {(r[0], r[2]): r for r in rows}
+    assert lanes["reviews", "reviews-canary"][3:6] == ["stable", "ready", "127.0.0.11,"], out
+    assert lanes["reviews", "reviews-canary.default"][4] == "ready", out
+    lines = {r[0]: r for r in rows}
     assert lines["svc-refused"][4:6] == ["empty", "(refused),"], out
     assert lines["svc-fail"][3] == "fail", out
 

@@ -117,3 +117,14 @@ async def test_a_failing_resolver_is_an_unresolved_lane() -> None:
 async def test_the_real_resolver_reads_etc_hosts() -> None:
     # (Negative answers from a real DNS server: tests/netns/test_lanes.py, in a namespace.)
     assert "127.0.0.1" in await ResolverCache().resolve("localhost")
+
+
+async def test_the_names_a_lane_was_looked_up_under() -> None:
+    dns = FakeDNS()
+    dns.table["r-canary.shop"] = (("10.0.0.3",), None)
+    cache = dns.cache()
+    await cache.resolve("r-canary.shop")
+    cache.mark_down("r-canary", 80, REFUSED)
+    with pytest.raises(EmptyLane):
+        await cache.resolve("r-canary-2")
+    assert cache.names_of("r-canary") == ["r-canary", "r-canary.shop"]
