@@ -98,6 +98,8 @@ class Sidecar:
             timeouts=policy.timeouts,
             app=policy.inbound.app,
         )
+        self._resolver = None  # the lanes' resolver cache, made with the first route
+        self.ctx.lanes = self._lanes(policy)
         self.proxy = Proxy(self.ctx)
         self.datapath = None  # DatapathManager once attached
         self.dp_state = DatapathState(policy.datapath.enabled, policy.datapath.required)
@@ -108,6 +110,17 @@ class Sidecar:
         self.stopping = False
         self._admin = None
         self._reload_lock = asyncio.Lock()
+
+    def _lanes(self, policy: Policy):
+        """The lane router of ``policy``, or None when it defines no route (no lookups)."""
+        if not policy.routes:
+            return None
+        from sidecar.proxy.lanerouter import LaneRouter
+        from sidecar.proxy.resolver import ResolverCache
+
+        if self._resolver is None:
+            self._resolver = ResolverCache(on_lookup=self.metrics.lane_lookup)
+        return LaneRouter(policy, self._resolver, self.metrics)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -287,6 +300,7 @@ class Sidecar:
                 log.error("capture reload failed, previous table kept: %s", exc)
         self.metrics.known_colors(policy.colors)
         self.ctx.colorer = Colorer(policy, self.pod_color)
+        self.ctx.lanes = self._lanes(policy)
         self.ctx.timeouts = policy.timeouts
         self.ctx.app = policy.inbound.app
         self.policy = policy
@@ -361,6 +375,7 @@ class Sidecar:
                     **({"admin": self.admin_address} if self.admin_address else {}),
                 }.items()
             },
+            "lanes": self.ctx.lanes.status() if self.ctx.lanes is not None else [],
             "open_flows": self.proxy.open_flows(),
             "parked_flows": self.proxy.parked_flows(),
             "datapath": {

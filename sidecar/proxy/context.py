@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from sidecar.admin.metrics import ProxyMetrics
     from sidecar.coloring import Colorer
     from sidecar.policy import Address, Capture, Timeouts
+    from sidecar.proxy.lanerouter import LaneRouter
 
 Key = tuple[str, str, int]  # (color, host, port)
 
@@ -37,3 +38,4 @@ class ProxyContext:
     # (a capture table redirected it) and its protocol detected; None: no such check.
     capture: Capture | None = None
     own_mark: int = 0  # SO_MARK of our upstream sockets (capture leaves them alone); 0: none
+    lanes: LaneRouter | None = None  # outbound.routes; swapped on reload; None: no routes

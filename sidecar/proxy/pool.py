@@ -127,11 +127,19 @@ class Pool:
         else:
             stack.append(conn)
 
-    async def connect(self, key: Key, tunnel: Tunnel | None = None) -> UpstreamConnection:
+    async def connect(
+        self,
+        key: Key,
+        tunnel: Tunnel | None = None,
+        address: str | None = None,
+        timeout: float | None = None,
+    ) -> UpstreamConnection:
         """A revived parked connection for ``key``, else a new one.
 
         With ``tunnel`` (an opaque relay) always a new one, joined to the tunnel
-        from its first byte. Raises TimeoutError or OSError when none can be made.
+        from its first byte. ``address`` (a lane's, looked up by the lane resolver
+        cache) is connected to instead of the key's host, within ``timeout`` instead
+        of ``timeouts.connect``. Raises TimeoutError or OSError when none can be made.
         """
         parked = self.parked.get(key) if tunnel is None else None
         while parked:
@@ -139,14 +147,15 @@ class Pool:
             if conn is not None:
                 return conn
         _, host, port = key
+        host = address or host
         key = self._keys.setdefault(key, key)
         if len(self._keys) > _KEYS_CACHE:
             self._keys.clear()
         # A timeout scope, not ``wait_for``: no second task per connect (a burst of a
         # thousand requests opens a thousand at once).
-        async with asyncio.timeout(self.ctx.timeouts.connect):
+        async with asyncio.timeout(timeout or self.ctx.timeouts.connect):
             if self.ctx.hooks is not None or self.ctx.own_mark:
-                return await self._connect_colored(key, tunnel)
+                return await self._connect_colored(key, host, tunnel)
             _, conn = await self.loop.create_connection(lambda: self._new(key, tunnel), host, port)
             return conn
 
@@ -155,7 +164,9 @@ class Pool:
         conn.tunnel = tunnel
         return conn
 
-    async def _connect_colored(self, key: Key, tunnel: Tunnel | None) -> UpstreamConnection:
+    async def _connect_colored(
+        self, key: Key, host: str, tunnel: Tunnel | None
+    ) -> UpstreamConnection:
         """Register the flow before its SYN leaves, then connect.
 
         A router routes each packet by its mark, so an unmarked handshake would
@@ -168,7 +179,7 @@ class Pool:
         In capture mode the socket carries the sidecar's own mark (SO_MARK), which
         the capture rules never redirect: our own flows cannot loop back to us.
         """
-        color, host, port = key
+        color, _, port = key
         hooks = self.ctx.hooks
         mark = self.ctx.own_mark
         try:  # an address literal needs no resolver thread
