@@ -115,7 +115,12 @@ class Inbound:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds. ``drain`` bounds the graceful stop."""
+    """Seconds. ``drain`` bounds the graceful stop.
+
+    ``drain_accept`` comes first: after SIGTERM both sides keep accepting and
+    serving (answering ``Connection: close``) while the endpoint removal spreads
+    and the app shuts down; 0 stops accepting at once. It alone may be 0.
+    """
 
     header_read: float = 10.0
     idle: float = 60.0
@@ -123,6 +128,7 @@ class Timeouts:
     upstream_idle: float = 30.0
     upstream_read: float = 60.0
     drain: float = 10.0
+    drain_accept: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,8 @@ class Policy:
     datapath: Datapath
     digest: str  # sha256 of the source text, first 16 hex digits
     source: str = "<default>"
+    # Peers besides loopback that may use /status, /debug/route and /quitquitquit.
+    admin_trusted_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def color_by_id(self) -> dict[int, Color]:
         return {c.id: c for c in self.colors.values()}
@@ -375,7 +383,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
 
     inbound = _inbound(ck, top.get("inbound"), colors)
     outbound_listen = _listen_section(ck, top.get("outbound"), "outbound", "127.0.0.1:15001")
-    admin_listen = _listen_section(ck, top.get("admin"), "admin", "0.0.0.0:15090")
+    admin_listen, admin_trusted = _admin(ck, top.get("admin"))
     timeouts = _timeouts(ck, top.get("timeouts"))
     datapath = _datapath(ck, top.get("datapath"), colors)
 
@@ -394,6 +402,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         datapath=datapath,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         source=source,
+        admin_trusted_sources=admin_trusted,
     )
 
 
@@ -474,6 +483,32 @@ def _listen_section(ck: _Checker, entry: Any, what: str, default: str) -> Addres
     return ck.address(fields["listen"][1], f"{what}.listen") or fallback
 
 
+def _admin(ck: _Checker, entry: Any) -> tuple[Address, tuple]:
+    """``admin.listen`` and ``admin.trusted_sources`` (CIDRs; loopback is always trusted)."""
+    listen = parse_address("0.0.0.0:15090")
+    assert listen is not None
+    if entry is None:
+        return listen, ()
+    fields = ck.mapping(entry[1], "admin", {"listen", "trusted_sources"})
+    if "listen" in fields:
+        listen = ck.address(fields["listen"][1], "admin.listen") or listen
+    nodes = fields["trusted_sources"][1] if "trusted_sources" in fields else None
+    return listen, _cidrs(ck, nodes, "admin.trusted_sources")
+
+
+def _cidrs(ck: _Checker, node: yaml.Node | None, what: str) -> tuple:
+    out = []
+    for item in ck.sequence(node, what) if node is not None else []:
+        text = ck.string(item, f"{what}[]")
+        if text is None:
+            continue
+        try:
+            out.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            ck.err(item, f"{what}: '{text}' is not a CIDR")
+    return tuple(out)
+
+
 def _timeouts(ck: _Checker, entry: Any) -> Timeouts:
     if entry is None:
         return Timeouts()
@@ -481,6 +516,9 @@ def _timeouts(ck: _Checker, entry: Any) -> Timeouts:
     fields = ck.mapping(entry[1], "timeouts", names)
     values = {}
     for key, (_, vnode) in fields.items():
+        if key == "drain_accept" and isinstance(vnode, yaml.ScalarNode) and vnode.value == "0":
+            values[key] = 0.0  # the one timeout that may be 0: today's immediate stop
+            continue
         value = ck.number(vnode, f"timeouts.{key}")
         if value is not None:
             values[key] = value
@@ -501,23 +539,15 @@ def _inbound(ck: _Checker, entry: Any, colors: dict[str, Color]) -> Inbound:
     if "trust_header" in fields:
         value = ck.boolean(fields["trust_header"][1], "inbound.trust_header")
         trust = True if value is None else value
-    sources = []
-    if "trusted_sources" in fields:
-        for node in ck.sequence(fields["trusted_sources"][1], "inbound.trusted_sources"):
-            text = ck.string(node, "inbound.trusted_sources[]")
-            if text is None:
-                continue
-            try:
-                sources.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                ck.err(node, f"inbound.trusted_sources: '{text}' is not a CIDR")
+    nodes = fields["trusted_sources"][1] if "trusted_sources" in fields else None
+    sources = _cidrs(ck, nodes, "inbound.trusted_sources")
     rules = []
     if "rules" in fields:
         for i, node in enumerate(ck.sequence(fields["rules"][1], "inbound.rules")):
             rule = _rule(ck, node, f"inbound.rules[{i}]", colors)
             if rule is not None:
                 rules.append(rule)
-    return Inbound(listen, app, trust, tuple(sources), tuple(rules))
+    return Inbound(listen, app, trust, sources, tuple(rules))
 
 
 def _name_value(

@@ -80,6 +80,14 @@ class Sidecar:
         self.stopping = False
         self._admin = None
         self._reload_lock = asyncio.Lock()
+        # Set by SIGTERM/SIGINT (``serve``) or ``POST /quitquitquit``; ``serve`` then stops.
+        self.stop_requested = asyncio.Event()
+        self.skip_drain_accept = False  # /quitquitquit: the app that asked has finished
+
+    def request_stop(self, skip_drain_accept: bool = False) -> None:
+        """Ask ``serve`` to drain and stop; a Job's app calls it through /quitquitquit."""
+        self.skip_drain_accept = self.skip_drain_accept or skip_drain_accept
+        self.stop_requested.set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -307,7 +315,7 @@ def _forget_signal_wakeup_fd() -> None:
 async def serve(sidecar: Sidecar) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = sidecar.stop_requested
     # A forked child (pyroute2 opens netns sockets from one) shares the loop's signal
     # wakeup fd: a SIGTERM to that child would read as ours and stop the sidecar.
     os.register_at_fork(after_in_child=_forget_signal_wakeup_fd)
