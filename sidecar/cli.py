@@ -42,8 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"this pod's color (env {COLOR_ENV}; the policy's default_color when unset)",
     )
 
-    check = sub.add_parser("check", help="validate a policy file; print FILE:LINE: reason")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check", help="validate a policy file or ConfigMap manifest; print FILE:LINE: reason"
+    )
+    check.add_argument("file", help="a policy file, or manifests with the policy ConfigMap(s)")
+    check.add_argument(
+        "--key", default="policy.yaml", help="ConfigMap data key holding the policy (policy.yaml)"
+    )
     check.add_argument(
         "--color",
         default=os.environ.get(COLOR_ENV),
@@ -116,7 +121,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from sidecar.errors import PolicyError
-    from sidecar.policy import check_pod_color, parse_policy
+    from sidecar.manifests import policies_in
+    from sidecar.policy import check_pod_color
 
     try:
         with open(args.file, encoding="utf-8") as fh:
@@ -125,16 +131,18 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
     try:
-        policy = parse_policy(text, args.file)
+        found = policies_in(text, args.file, args.key)
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
         return 1
-    if args.color:
-        why = check_pod_color(policy, args.color)
-        if why:
-            print(f"{args.file}:1: {why}", file=sys.stderr)
-            return 1
-    print(f"{args.file}: ok ({len(policy.colors)} colors, digest {policy.digest})")
+    for label, policy in found:
+        where = f" ({label})" if label else ""
+        if args.color:
+            why = check_pod_color(policy, args.color)
+            if why:
+                print(f"{args.file}:1: {why}{where}", file=sys.stderr)
+                return 1
+        print(f"{args.file}{where}: ok ({len(policy.colors)} colors, digest {policy.digest})")
     return 0
 
 
