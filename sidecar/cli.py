@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check what the kernel data path needs on this host")
     doctor.add_argument("--policy", default=os.environ.get(POLICY_ENV))
+    doctor.add_argument(
+        "--preflight",
+        action="store_true",
+        help="before a sidecar runs: check what the policy will need (ports, kernel, capture)",
+    )
+    doctor.add_argument(
+        "--color",
+        default=os.environ.get(COLOR_ENV),
+        help=f"the pod color to check with --preflight (env {COLOR_ENV})",
+    )
 
     demo = sub.add_parser("demo", help="colored requests taking different paths, in namespaces")
     demo.add_argument(
@@ -154,10 +164,23 @@ def _status(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     from sidecar.datapath.doctor import format_doctor, run_doctor
+    from sidecar.errors import PolicyError
     from sidecar.runtime import load_policy
 
-    policy = load_policy(args.policy)
-    checks = run_doctor(policy)
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc.format(), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.policy}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 1
+    if args.preflight:
+        from sidecar.preflight import run_preflight
+
+        checks = run_preflight(policy, args.color or policy.default_color)
+    else:
+        checks = run_doctor(policy)
     print(format_doctor(checks))
     return 0 if all(c.ok for c in checks) else 1
 
