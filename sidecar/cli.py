@@ -76,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the pod color to check with --preflight (env {COLOR_ENV})",
     )
 
+    analyze = sub.add_parser(
+        "analyze", help="find what injection and the sidecar would trip over in manifests"
+    )
+    analyze.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="DIR|FILE",
+        help="manifest file or directory (recursive); repeat for more",
+    )
+    analyze.add_argument("--json", action="store_true", help="print the findings as JSON")
+    analyze.add_argument(
+        "--policy-configmap",
+        default="traffic-color-policy",
+        help="ConfigMap injected pods mount when they name none (the chart's default)",
+    )
+
     demo = sub.add_parser("demo", help="colored requests taking different paths, in namespaces")
     demo.add_argument(
         "--keep", action="store_true", help="leave the topology up until Enter is pressed"
@@ -185,6 +204,12 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from sidecar.analyze import run_analyze
+
+    return run_analyze(args.files, args.json, args.policy_configmap)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import run_demo
 
@@ -208,6 +233,7 @@ COMMANDS = {
     "check": _check,
     "status": _status,
     "doctor": _doctor,
+    "analyze": _analyze,
     "demo": _demo,
     "inject": _inject,
     "webhook": _webhook,
