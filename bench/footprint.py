@@ -226,19 +226,19 @@ def report(res: dict) -> bool:
             True,
         ),
         (
-            f"kernel memory locked by the maps ({res['flow_table_size']} flows)",
+            f"maps' locked kernel memory ({res['flow_table_size']} flows)",
             f"{res['memlock_mb']:.1f} MiB",
             "",
             True,
         ),
         (
-            "  of which the two flow maps (not in RSS)",
+            "  of which the flow maps (not in RSS)",
             f"{res['flow_memlock_mb']:.1f} MiB",
             "",
             True,
         ),
         (
-            "RSS with flows + kernel memory of the maps",
+            "RSS with flows + maps' kernel memory",
             f"{res['rss_flows_mb'] + res['memlock_mb'] * 1.048576:.1f} MB",
             "",
             True,
