@@ -133,13 +133,22 @@ class Sidecar:
         self.ctx.hooks = manager
 
     async def stop(self) -> None:
-        """Drain in-flight requests up to the policy's deadline, then remove kernel objects."""
+        """Serve on for ``drain_accept``, drain in flight up to ``drain``, remove kernel objects.
+
+        ``/quitquitquit`` skips the accept period: the app that asked has finished.
+        """
         if self.stopping:
             return
-        self.stopping = True
-        log.info("stopping: draining for up to %.1fs", self.policy.timeouts.drain)
+        self.stopping = True  # /readyz fails from here on
+        t = self.policy.timeouts
+        accept = 0.0 if self.skip_drain_accept else t.drain_accept
+        log.info(
+            "stopping: serving %.1fs more with Connection: close, then draining for up to %.1fs",
+            accept,
+            t.drain,
+        )
         if self.listening:
-            await self.proxy.drain(self.policy.timeouts.drain)
+            await self.proxy.drain(t.drain, accept)
             self.listening = False
         if self.datapath is not None:
             self.ctx.hooks = None
