@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.netns.netnsutil import Lab, ip
-from tests.netns.test_footprint import Running
+from tests.netns.test_footprint import running
 
 pytestmark = pytest.mark.root
 
@@ -59,12 +59,8 @@ def pod(tmp_path):
         ip("addr", "add", f"{PEER}/30", "dev", "eth0", netns=peer_ns)
         pfile = tmp_path / "policy.yaml"
         pfile.write_text(policy())
-        sc = Running(pod_ns, pfile)
-        try:
-            sc.wait_for("ready in")
+        with running(pod_ns, pfile) as sc:
             yield pod_ns, peer_ns, pfile, sc
-        finally:
-            sc.stop()
 
 
 def test_peer_gets_probes_and_metrics_but_not_internals(pod):

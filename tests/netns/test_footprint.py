@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,17 @@ class Running:
             return self.proc.wait()
 
 
+@contextlib.contextmanager
+def running(netns: str, policy_file: Path) -> Iterator[Running]:
+    """A ``Running`` sidecar once it says it is ready; stopped on the way out."""
+    sc = Running(netns, policy_file)
+    try:
+        sc.wait_for("ready in")
+        yield sc
+    finally:
+        sc.stop()
+
+
 @pytest.fixture
 def pod(tmp_path):
     with Lab() as lab:
@@ -124,12 +136,8 @@ def pod(tmp_path):
         lab.veth(netns, "d0", netns, "d1")  # this kernel has no dummy links
         pfile = tmp_path / "policy.yaml"
         pfile.write_text(policy(0x2))
-        sc = Running(netns, pfile)
-        try:
-            sc.wait_for("ready in")
+        with running(netns, pfile) as sc:
             yield netns, pfile, sc
-        finally:
-            sc.stop()
 
 
 def lru_memlock(pid: int) -> list[int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns.netnsutil import Lab, ip
-from tests.netns.test_footprint import Running
+from tests.netns.test_footprint import running
 
 pytestmark = pytest.mark.root
 
@@ -154,12 +154,8 @@ def lab(tmp_path: Path):
                 assert b.stdout is not None and b.stdout.readline().strip() == "up"
             pfile = tmp_path / "policy.yaml"
             pfile.write_text(policy())
-            sc = Running(pod, pfile)
-            try:
-                sc.wait_for("ready in")
+            with running(pod, pfile) as sc:
                 yield pod, client, sc
-            finally:
-                sc.stop()
         finally:
             for b in backends:
                 b.kill()
