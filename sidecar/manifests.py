@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from sidecar.errors import PolicyError, PolicyIssue
+from sidecar.policy import Policy, parse_policy
 
 POLICY_KEY = "policy.yaml"  # the data key injection mounts (sidecar/inject/mutation.py)
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -148,15 +149,13 @@ def relocate(err: PolicyError, emb: EmbeddedPolicy) -> PolicyError:
     return PolicyError(source, issues)
 
 
-def policies_in(text: str, path: str, key: str = POLICY_KEY) -> list[tuple[str, Any]]:
+def policies_in(text: str, path: str, key: str = POLICY_KEY) -> list[tuple[str, Policy]]:
     """(label, Policy) for a policy file, or for each policy ConfigMap of a manifest file.
 
     Raises ``PolicyError`` with lines of ``path`` itself, all issues of every
     ConfigMap at once; a manifest file with no ConfigMap holding ``key`` is an
     error too (a typo in the key would otherwise check nothing).
     """
-    from sidecar.policy import parse_policy
-
     try:
         docs = load_text(text, path)
     except yaml.YAMLError:
