@@ -10,8 +10,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from sidecar import __version__
+
+if TYPE_CHECKING:
+    from sidecar.policy import Policy
 
 POLICY_ENV = "TRAFFIC_COLOR_POLICY"
 COLOR_ENV = "TRAFFIC_COLOR"
@@ -93,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy-configmap",
         default="traffic-color-policy",
         help="ConfigMap injected pods mount when they name none (the chart's default)",
+    )
+
+    capture = sub.add_parser(
+        "capture", help="install, remove or show the nftables capture table (inet traffic_color)"
+    )
+    capture.add_argument("action", choices=("install", "remove", "show"))
+    capture.add_argument("--policy", default=os.environ.get(POLICY_ENV))
+    capture.add_argument(
+        "--dry-run", action="store_true", help="print the JSON ruleset; touch nothing"
     )
 
     demo = sub.add_parser("demo", help="colored requests taking different paths, in namespaces")
@@ -181,18 +194,25 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.admin, as_json=args.json)
 
 
-def _doctor(args: argparse.Namespace) -> int:
-    from sidecar.datapath.doctor import format_doctor, run_doctor
+def _policy_or_none(path: str | None) -> Policy | None:
+    """The policy at ``path`` (built-in when None), or None after printing why not."""
     from sidecar.errors import PolicyError
     from sidecar.runtime import load_policy
 
     try:
-        policy = load_policy(args.policy)
+        return load_policy(path)
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
-        return 1
     except OSError as exc:
-        print(f"{args.policy}: cannot read: {exc.strerror}", file=sys.stderr)
+        print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+    return None
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from sidecar.datapath.doctor import format_doctor, run_doctor
+
+    policy = _policy_or_none(args.policy)
+    if policy is None:
         return 1
     if args.preflight:
         from sidecar.preflight import run_preflight
@@ -208,6 +228,46 @@ def _analyze(args: argparse.Namespace) -> int:
     from sidecar.analyze import run_analyze
 
     return run_analyze(args.files, args.json, args.policy_configmap)
+
+
+def _capture(args: argparse.Namespace) -> int:
+    import json
+
+    from sidecar.datapath import capture
+    from sidecar.errors import DatapathError
+    from sidecar.runtime import capture_ports
+
+    policy = _policy_or_none(args.policy)
+    if policy is None:
+        return 1
+    if args.action == "install":
+        ports = capture_ports(policy)
+        if isinstance(ports, str):
+            print(f"capture: {ports}", file=sys.stderr)
+            return 1
+        cmd = capture.ruleset(policy.capture, ports)
+    elif args.action == "remove":
+        cmd = capture.removal()
+    else:
+        cmd = capture.listing()
+    if args.dry_run:
+        print(json.dumps(cmd, indent=2))
+        return 0
+    try:
+        if args.action == "show":
+            table = capture.table_present()
+            if table is None:
+                print(f"capture: table {capture.FAMILY} {capture.TABLE} is not installed")
+                return 1
+            print(json.dumps(table, indent=2))
+            return 0
+        capture.run_nft(cmd)
+    except DatapathError as exc:
+        print(f"capture {args.action} failed: {exc}", file=sys.stderr)
+        return 1
+    done = "installed" if args.action == "install" else "removed"
+    print(f"capture: table {capture.FAMILY} {capture.TABLE} {done}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -234,6 +294,7 @@ COMMANDS = {
     "status": _status,
     "doctor": _doctor,
     "analyze": _analyze,
+    "capture": _capture,
     "demo": _demo,
     "inject": _inject,
     "webhook": _webhook,
