@@ -98,7 +98,12 @@ def check_interfaces(policy: Policy) -> DoctorCheck:
     return DoctorCheck("attach_points", True, "interfaces present: " + ", ".join(seen))
 
 
-def check_capture_needs() -> DoctorCheck:
+def check_capture_needs(policy: Policy) -> DoctorCheck:
+    from sidecar.runtime import capture_ports
+
+    ports = capture_ports(policy)
+    if isinstance(ports, str):
+        return DoctorCheck("capture", False, f"capture.enabled: {ports}", "set fixed ports")
     has_binding = importlib.util.find_spec("nftables") is not None
     has_admin = bool(_cap_eff() >> doctor.CAPS["NET_ADMIN"] & 1)
     if has_binding and has_admin:
@@ -157,7 +162,6 @@ def run_preflight(policy: Policy, pod_color: str) -> list[DoctorCheck]:
             _guard("fwmark_rules", lambda: doctor.check_fwmark_rules(policy)),
             _guard("attach_points", lambda: check_interfaces(policy)),
         ]
-    capture = getattr(policy, "capture", None)  # the capture section, where the policy has one
-    if capture is not None and getattr(capture, "enabled", False):
-        checks.append(_guard("capture", check_capture_needs))
+    if policy.capture.enabled:
+        checks.append(_guard("capture", lambda: check_capture_needs(policy)))
     return checks

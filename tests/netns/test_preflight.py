@@ -90,6 +90,14 @@ def test_builtin_policy_passes_and_each_missing_need_fails(tmp_path: Path) -> No
         for name in ("bcc", "kernel_headers", "capabilities"):
             assert found[name].startswith("[ ok ]"), dp.stdout
 
+        policy.write_text("capture: {enabled: true}\n")
+        cap = preflight(netns, "--policy", str(policy))
+        assert cap.returncode == 0, cap.stdout
+        assert "NET_ADMIN held" in lines_of(cap.stdout)["capture"]
+        policy.write_text('capture: {enabled: true}\nadmin: {listen: "127.0.0.1:0"}\n')
+        cap = preflight(netns, "--policy", str(policy))
+        assert cap.returncode == 1 and "fixed ports" in lines_of(cap.stdout)["capture"]
+
 
 def test_listeners_on_one_port_collide_through_a_wildcard() -> None:
     a = Address("0.0.0.0", 15090)
