@@ -188,6 +188,9 @@ def measure(flows: int = 10_000, starts: int = 3) -> dict:
             dpst = json.loads(status.stdout)["datapath"]
             out["kernel_flows"] = dpst["flows"]["in_map"]
             out["attached"] = dpst["attached"]
+            out["memlock_mb"] = dpst["kernel_memory"]["memlock_bytes"] / 2**20
+            out["flow_memlock_mb"] = dpst["kernel_memory"]["flow_maps_memlock_bytes"] / 2**20
+            out["flow_table_size"] = dpst["flow_table_size"]
             client.wait(30)
         finally:
             stop(proc)
@@ -219,6 +222,24 @@ def report(res: dict) -> bool:
         (
             "RSS per open flow (with-flows minus warm-up)",
             f"{(res['rss_flows_mb'] - res['rss_idle_mb']) * 1024 / max(1, res['flows']):.2f} KB",
+            "",
+            True,
+        ),
+        (
+            f"maps' locked kernel memory ({res['flow_table_size']} flows)",
+            f"{res['memlock_mb']:.1f} MiB",
+            "",
+            True,
+        ),
+        (
+            "  of which the flow maps (not in RSS)",
+            f"{res['flow_memlock_mb']:.1f} MiB",
+            "",
+            True,
+        ),
+        (
+            "RSS with flows + maps' kernel memory",
+            f"{res['rss_flows_mb'] + res['memlock_mb'] * 1.048576:.1f} MB",
             "",
             True,
         ),

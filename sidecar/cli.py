@@ -10,8 +10,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from sidecar import __version__
+
+if TYPE_CHECKING:
+    from sidecar.policy import Policy
 
 POLICY_ENV = "TRAFFIC_COLOR_POLICY"
 COLOR_ENV = "TRAFFIC_COLOR"
@@ -42,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"this pod's color (env {COLOR_ENV}; the policy's default_color when unset)",
     )
 
-    check = sub.add_parser("check", help="validate a policy file; print FILE:LINE: reason")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check", help="validate a policy file or ConfigMap manifest; print FILE:LINE: reason"
+    )
+    check.add_argument("file", help="a policy file, or manifests with the policy ConfigMap(s)")
+    check.add_argument(
+        "--key", default="policy.yaml", help="ConfigMap data key holding the policy (policy.yaml)"
+    )
     check.add_argument(
         "--color",
         default=os.environ.get(COLOR_ENV),
@@ -60,6 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check what the kernel data path needs on this host")
     doctor.add_argument("--policy", default=os.environ.get(POLICY_ENV))
+    doctor.add_argument(
+        "--preflight",
+        action="store_true",
+        help="before a sidecar runs: check what the policy will need (ports, kernel, capture)",
+    )
+    doctor.add_argument(
+        "--color",
+        default=os.environ.get(COLOR_ENV),
+        help=f"the pod color to check with --preflight (env {COLOR_ENV})",
+    )
+
+    analyze = sub.add_parser(
+        "analyze", help="find what injection and the sidecar would trip over in manifests"
+    )
+    analyze.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="DIR|FILE",
+        help="manifest file or directory (recursive); repeat for more",
+    )
+    analyze.add_argument("--json", action="store_true", help="print the findings as JSON")
+    analyze.add_argument(
+        "--policy-configmap",
+        default="traffic-color-policy",
+        help="ConfigMap injected pods mount when they name none (the chart's default)",
+    )
 
     capture = sub.add_parser(
         "capture", help="install, remove or show the nftables capture table (inet traffic_color)"
@@ -125,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from sidecar.errors import PolicyError
-    from sidecar.policy import check_pod_color, parse_policy
+    from sidecar.manifests import policies_in
+    from sidecar.policy import check_pod_color
 
     try:
         with open(args.file, encoding="utf-8") as fh:
@@ -134,16 +173,18 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
     try:
-        policy = parse_policy(text, args.file)
+        found = policies_in(text, args.file, args.key)
     except PolicyError as exc:
         print(exc.format(), file=sys.stderr)
         return 1
-    if args.color:
-        why = check_pod_color(policy, args.color)
-        if why:
-            print(f"{args.file}:1: {why}", file=sys.stderr)
-            return 1
-    print(f"{args.file}: ok ({len(policy.colors)} colors, digest {policy.digest})")
+    for label, policy in found:
+        where = f" ({label})" if label else ""
+        if args.color:
+            why = check_pod_color(policy, args.color)
+            if why:
+                print(f"{args.file}:1: {why}{where}", file=sys.stderr)
+                return 1
+        print(f"{args.file}{where}: ok ({len(policy.colors)} colors, digest {policy.digest})")
     return 0
 
 
@@ -153,30 +194,51 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.admin, as_json=args.json)
 
 
-def _doctor(args: argparse.Namespace) -> int:
-    from sidecar.datapath.doctor import format_doctor, run_doctor
+def _policy_or_none(path: str | None) -> Policy | None:
+    """The policy at ``path`` (built-in when None), or None after printing why not."""
+    from sidecar.errors import PolicyError
     from sidecar.runtime import load_policy
 
-    policy = load_policy(args.policy)
-    checks = run_doctor(policy)
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        print(exc.format(), file=sys.stderr)
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+    return None
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from sidecar.datapath.doctor import format_doctor, run_doctor
+
+    policy = _policy_or_none(args.policy)
+    if policy is None:
+        return 1
+    if args.preflight:
+        from sidecar.preflight import run_preflight
+
+        checks = run_preflight(policy, args.color or policy.default_color)
+    else:
+        checks = run_doctor(policy)
     print(format_doctor(checks))
     return 0 if all(c.ok for c in checks) else 1
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from sidecar.analyze import run_analyze
+
+    return run_analyze(args.files, args.json, args.policy_configmap)
 
 
 def _capture(args: argparse.Namespace) -> int:
     import json
 
     from sidecar.datapath import capture
-    from sidecar.errors import DatapathError, PolicyError
-    from sidecar.runtime import capture_ports, load_policy
+    from sidecar.errors import DatapathError
+    from sidecar.runtime import capture_ports
 
-    try:
-        policy = load_policy(args.policy)
-    except PolicyError as exc:
-        print(exc.format(), file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{args.policy}: cannot read: {exc.strerror}", file=sys.stderr)
+    policy = _policy_or_none(args.policy)
+    if policy is None:
         return 1
     if args.action == "install":
         ports = capture_ports(policy)
@@ -231,6 +293,7 @@ COMMANDS = {
     "check": _check,
     "status": _status,
     "doctor": _doctor,
+    "analyze": _analyze,
     "capture": _capture,
     "demo": _demo,
     "inject": _inject,

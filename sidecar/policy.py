@@ -127,7 +127,12 @@ class Inbound:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds. ``drain`` bounds the graceful stop."""
+    """Seconds. ``drain`` bounds the graceful stop.
+
+    ``drain_accept`` comes first: after SIGTERM both sides keep accepting and
+    serving (answering ``Connection: close``) while the endpoint removal spreads
+    and the app shuts down; 0 stops accepting at once. It alone may be 0.
+    """
 
     header_read: float = 10.0
     idle: float = 60.0
@@ -136,6 +141,7 @@ class Timeouts:
     upstream_read: float = 60.0
     drain: float = 10.0
     lane_connect: float = 0.5  # a lane host that does not answer within it is empty
+    drain_accept: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,8 @@ class Policy:
     cluster_domain: str = "cluster.local"  # outbound.cluster_domain
     baggage_key: str | None = None  # baggage.key: the W3C Baggage member with the color
     capture: Capture = field(default_factory=Capture)
+    # Peers besides loopback that may use /status, /debug/route and /quitquitquit.
+    admin_trusted_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def color_by_id(self) -> dict[int, Color]:
         return {c.id: c for c in self.colors.values()}
@@ -435,7 +443,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     outbound_listen, routes, cluster_domain = _outbound(
         ck, top.get("outbound"), colors, default_color
     )
-    admin_listen = _listen_section(ck, top.get("admin"), "admin", "0.0.0.0:15090")
+    admin_listen, admin_trusted = _admin(ck, top.get("admin"))
     timeouts = _timeouts(ck, top.get("timeouts"))
     datapath = _datapath(ck, top.get("datapath"), colors)
     baggage_key = _baggage(ck, top.get("baggage"))
@@ -460,6 +468,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         cluster_domain=cluster_domain,
         baggage_key=baggage_key,
         capture=capture,
+        admin_trusted_sources=admin_trusted,
     )
 
 
@@ -658,6 +667,18 @@ def _baggage(ck: _Checker, entry: Any) -> str | None:
         ck.err(fields["key"][1], f"baggage.key: '{key}' is not a token (RFC 9110)")
         return None
     return key
+def _admin(ck: _Checker, entry: Any) -> tuple[Address, tuple]:
+    """``admin.listen`` and ``admin.trusted_sources`` (CIDRs; loopback is always trusted)."""
+    listen = parse_address("0.0.0.0:15090")
+    assert listen is not None
+    if entry is None:
+        return listen, ()
+    fields = ck.mapping(entry[1], "admin", {"listen", "trusted_sources"})
+    if "listen" in fields:
+        listen = ck.address(fields["listen"][1], "admin.listen") or listen
+    if "trusted_sources" not in fields:
+        return listen, ()
+    return listen, _cidrs(ck, fields["trusted_sources"][1], "admin.trusted_sources")
 
 
 def _timeouts(ck: _Checker, entry: Any) -> Timeouts:
@@ -667,6 +688,9 @@ def _timeouts(ck: _Checker, entry: Any) -> Timeouts:
     fields = ck.mapping(entry[1], "timeouts", names)
     values = {}
     for key, (_, vnode) in fields.items():
+        if key == "drain_accept" and isinstance(vnode, yaml.ScalarNode) and vnode.value == "0":
+            values[key] = 0.0  # the one timeout that may be 0: today's immediate stop
+            continue
         value = ck.number(vnode, f"timeouts.{key}")
         if value is not None:
             values[key] = value

@@ -110,6 +110,14 @@ class Sidecar:
         self.stopping = False
         self._admin = None
         self._reload_lock = asyncio.Lock()
+        # Set by SIGTERM/SIGINT (``serve``) or ``POST /quitquitquit``; ``serve`` then stops.
+        self.stop_requested = asyncio.Event()
+        self.skip_drain_accept = False  # /quitquitquit: the app that asked has finished
+
+    def request_stop(self, skip_drain_accept: bool = False) -> None:
+        """Ask ``serve`` to drain and stop; a Job's app calls it through /quitquitquit."""
+        self.skip_drain_accept = self.skip_drain_accept or skip_drain_accept
+        self.stop_requested.set()
 
     def _lanes(self, policy: Policy):
         """The lane router of ``policy``, or None when it defines no route (no lookups)."""
@@ -215,13 +223,22 @@ class Sidecar:
             log.error("could not remove the capture table: %s", exc)
 
     async def stop(self) -> None:
-        """Drain in-flight requests up to the policy's deadline, then remove kernel objects."""
+        """Serve on for ``drain_accept``, drain in flight up to ``drain``, remove kernel objects.
+
+        ``/quitquitquit`` skips the accept period: the app that asked has finished.
+        """
         if self.stopping:
             return
-        self.stopping = True
-        log.info("stopping: draining for up to %.1fs", self.policy.timeouts.drain)
+        self.stopping = True  # /readyz fails from here on
+        t = self.policy.timeouts
+        accept = 0.0 if self.skip_drain_accept else t.drain_accept
+        log.info(
+            "stopping: serving %.1fs more with Connection: close, then draining for up to %.1fs",
+            accept,
+            t.drain,
+        )
         if self.listening:
-            await self.proxy.drain(self.policy.timeouts.drain)
+            await self.proxy.drain(t.drain, accept)
             self.listening = False
         await self._remove_capture()
         if self.datapath is not None:
@@ -416,7 +433,7 @@ def _forget_signal_wakeup_fd() -> None:
 async def serve(sidecar: Sidecar) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = sidecar.stop_requested
     # A forked child (pyroute2 opens netns sockets from one) shares the loop's signal
     # wakeup fd: a SIGTERM to that child would read as ours and stop the sidecar.
     os.register_at_fork(after_in_child=_forget_signal_wakeup_fd)

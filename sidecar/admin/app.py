@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.admin.access import path_open, peer_allowed
+from sidecar.admin.merge import APP_METRICS_ENV, AppMetrics, check_target, merge
 from sidecar.errors import DatapathError
 from sidecar.policy import Address
 
@@ -24,11 +28,14 @@ log = logging.getLogger(__name__)
 
 
 class AdminServer:
-    """``/healthz`` ``/readyz`` ``/metrics`` ``/status`` ``/debug/route``."""
+    """``/healthz`` ``/readyz`` ``/metrics`` ``/status`` ``/debug/route`` ``/quitquitquit``.
+
+    The last three answer loopback and ``admin.trusted_sources`` only (see ``access``).
+    """
 
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._gate])
         self.app.add_routes(
             [
                 web.get("/healthz", self.healthz),
@@ -36,8 +43,17 @@ class AdminServer:
                 web.get("/metrics", self.metrics),
                 web.get("/status", self.status),
                 web.get("/debug/route", self.debug_route),
+                web.post("/quitquitquit", self.quitquitquit),
             ]
         )
+        self.app_metrics: AppMetrics | None = None
+        url = os.environ.get(APP_METRICS_ENV, "")
+        if url:
+            problem = check_target(url)
+            if problem:
+                log.warning("metrics merging off: %s", problem)
+            else:
+                self.app_metrics = AppMetrics(url, sidecar.metrics.registry)
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
@@ -54,6 +70,17 @@ class AdminServer:
             await self._runner.cleanup()
             self._runner = None
 
+    @web.middleware
+    async def _gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if path_open(request.path) or peer_allowed(
+            request.remote, self.sidecar.policy.admin_trusted_sources
+        ):
+            return await handler(request)
+        return web.Response(
+            status=403,
+            text=f"{request.path} answers loopback only (see admin.trusted_sources)\n",
+        )
+
     async def healthz(self, _: web.Request) -> web.Response:
         """The process is alive and its loop answers; nothing else."""
         return web.Response(text="ok\n")
@@ -64,8 +91,16 @@ class AdminServer:
 
     async def metrics(self, _: web.Request) -> web.Response:
         # Kernel counters are read from the per-CPU map here, at scrape time.
+        app = await self.app_metrics.fetch() if self.app_metrics is not None else b""
         body = await asyncio.to_thread(generate_latest, self.sidecar.metrics.registry)
+        if app:
+            body = merge(body, app)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def quitquitquit(self, _: web.Request) -> web.Response:
+        """Drain and stop, for Jobs whose app has finished (no accept period: nobody is left)."""
+        self.sidecar.request_stop(skip_drain_accept=True)
+        return web.Response(text="stopping\n")
 
     async def status(self, _: web.Request) -> web.Response:
         return web.json_response(await asyncio.to_thread(self.sidecar.status))

@@ -151,6 +151,12 @@ def format_status(data: dict) -> str:
             f"  flow table: {dp['flows']['in_map']} flows of {dp['flow_table_size']}, "
             f"{dp.get('evictions', 0)} evicted"
         )
+        mem = dp.get("kernel_memory")
+        if mem:
+            out.append(
+                f"  kernel memory locked by the maps: {mem['memlock_bytes'] / 2**20:.1f} MiB "
+                f"(flow maps {mem['flow_maps_memlock_bytes'] / 2**20:.1f} MiB), not in RSS"
+            )
     out.extend(_lane_lines(data.get("lanes", [])))
     return "\n".join(out)
 

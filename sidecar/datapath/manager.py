@@ -38,6 +38,7 @@ from sidecar.datapath import netns as ns
 from sidecar.datapath.build import Classifier, build_classifier
 from sidecar.datapath.ctl import NetlinkSession, QdiscOwnership
 from sidecar.datapath.maps import ColorTable, Counters, FlowTable
+from sidecar.datapath.memlock import maps_memlock
 from sidecar.datapath.tc import Attachment
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint, Policy
@@ -348,6 +349,7 @@ class DatapathManager:
                     "registered": len(self._open),
                 },
                 "evictions": self.evictions,
+                "kernel_memory": maps_memlock(loaded.classifier.maps) if loaded else None,
                 "flow_errors": self.flow_errors,
                 "counters": counters,
             }

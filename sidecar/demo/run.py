@@ -96,6 +96,7 @@ outbound:
 admin:
   listen: "0.0.0.0:{ADMIN_PORT}"
 timeouts:
+  drain_accept: 1  # nothing routes to a demo pod: one second of accepting after SIGTERM
   drain: 2
   upstream_idle: 600
 datapath:
@@ -133,6 +134,7 @@ outbound:
 admin:
   listen: "127.0.0.1:{admin}"
 timeouts:
+  drain_accept: 1  # nothing routes to a demo pod: one second of accepting after SIGTERM
   drain: 2
 datapath:
   enabled: false

@@ -51,16 +51,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+CONFIG_KEY = "inject.json"  # the data key of the chart's inject-config ConfigMap
+
+
+class ConfigError(ValueError):
+    """The ``--config`` file cannot be used; the message names the file."""
+
+
+def _settings(path: str) -> Mapping[str, Any]:
+    """The settings mapping of ``path``: a settings file, or the chart's ConfigMap.
+
+    The ConfigMap may come alone or inside ``helm template``'s whole output:
+    the one whose data holds ``inject.json`` is used, as the webhook mounts it.
+    """
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not YAML or JSON: {exc}") from None
+    maps = [d for d in docs if isinstance(d, Mapping) and d.get("kind") == "ConfigMap"]
+    if not maps:
+        if len(docs) > 1 or (docs and not isinstance(docs[0], Mapping)):
+            raise ConfigError(f"{path}: expected a mapping of injection settings")
+        return docs[0] if docs else {}
+    holding = [m for m in maps if CONFIG_KEY in (m.get("data") or {})]
+    if len(holding) != 1:
+        names = ", ".join(str((m.get("metadata") or {}).get("name")) for m in maps)
+        raise ConfigError(
+            f"{path}: expected one ConfigMap with data key '{CONFIG_KEY}', "
+            f"found {len(holding)} among ConfigMaps {names}"
+        )
+    name = (holding[0].get("metadata") or {}).get("name")
+    try:
+        loaded = yaml.safe_load(holding[0]["data"][CONFIG_KEY]) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: ConfigMap {name} data.{CONFIG_KEY}: {exc}") from None
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: ConfigMap {name} data.{CONFIG_KEY}: expected a mapping")
+    return loaded
+
+
 def config_from_args(args: argparse.Namespace) -> InjectConfig:
     """Settings file first, then flags on top; missing attributes mean 'not given'."""
     data: dict[str, Any] = {}
     path = getattr(args, "config", None)
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, Mapping):
-            raise ValueError(f"{path}: expected a mapping of injection settings")
-        data.update(loaded)
-    config = InjectConfig.from_mapping(data)
+        data.update(_settings(path))
+    try:
+        config = InjectConfig.from_mapping(data)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     overrides = {}
     for name in ("image", "default_color", "policy_config_map", "native_sidecar", "proxy_env"):
         value = getattr(args, name, None)
@@ -93,6 +134,10 @@ def run_inject(args: argparse.Namespace) -> int:
     source = getattr(args, "file", "-") or "-"
     try:
         config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"traffic-color inject: {exc}", file=sys.stderr)
+        return 2
+    try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
         inject_stream(text, config, sys.stdout, sys.stderr)
     except (OSError, ValueError, yaml.YAMLError) as exc:

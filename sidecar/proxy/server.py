@@ -110,23 +110,38 @@ class Proxy:
             return 0
         return sum(len(parked) for parked in self._shared.pool.parked.values())
 
-    async def drain(self, timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish, then close everything.
+    async def drain(self, timeout: float, accept_for: float = 0.0) -> None:
+        """Serve on for ``accept_for`` seconds, stop accepting, let in-flight requests finish.
 
-        Idle keep-alive connections close at once; busy ones answer their current
-        request with ``Connection: close``; whatever is left at the deadline is cut.
+        While accepting, both listeners take new connections and every answer says
+        ``Connection: close``: clients move to other endpoints as the removal of this
+        one spreads, and an app still shutting down can call out. Then idle keep-alive
+        connections close at once (those that never got a request are left their
+        chance to send it); busy ones answer their current request with ``Connection:
+        close``; whatever is left at the ``timeout`` deadline is cut.
         """
         shared = self._shared
         if shared is None:
             return
         shared.draining = True
+        # HTTP/2 clients get GOAWAY at once, so they move on while the listeners still
+        # accept; their streams in flight finish within the whole drain.
+        h2 = self._door.h2 if self._door is not None else None
+        h2_drain = asyncio.ensure_future(h2.drain(accept_for + timeout)) if h2 is not None else None
+        if accept_for > 0:
+            shared.accepting = True
+            try:
+                await asyncio.sleep(accept_for)
+            finally:
+                shared.accepting = False
+            h2 = self._door.h2 if self._door is not None else None
+            if h2_drain is None and h2 is not None:  # its first connection came meanwhile
+                h2_drain = asyncio.ensure_future(h2.drain(timeout))
         for server in (*self._servers.values(), *self._twins.values()):
             server.close()
-        h2 = self._door.h2 if self._door is not None else None
-        h2_drain = asyncio.ensure_future(h2.drain(timeout)) if h2 is not None else None
         shared.pool.close_idle()
         for conn in list(shared.conns):
-            if not conn.queue and conn.tunnel is None:
+            if not conn.queue and conn.tunnel is None and (conn.served or not accept_for):
                 conn._close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -10,6 +10,7 @@ memory bar itself is measured by ``bench/footprint.py``, not asserted here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,17 @@ class Running:
             return self.proc.wait()
 
 
+@contextlib.contextmanager
+def running(netns: str, policy_file: Path) -> Iterator[Running]:
+    """A ``Running`` sidecar once it says it is ready; stopped on the way out."""
+    sc = Running(netns, policy_file)
+    try:
+        sc.wait_for("ready in")
+        yield sc
+    finally:
+        sc.stop()
+
+
 @pytest.fixture
 def pod(tmp_path):
     with Lab() as lab:
@@ -123,12 +136,21 @@ def pod(tmp_path):
         lab.veth(netns, "d0", netns, "d1")  # this kernel has no dummy links
         pfile = tmp_path / "policy.yaml"
         pfile.write_text(policy(0x2))
-        sc = Running(netns, pfile)
-        try:
-            sc.wait_for("ready in")
+        with running(netns, pfile) as sc:
             yield netns, pfile, sc
-        finally:
-            sc.stop()
+
+
+def lru_memlock(pid: int) -> list[int]:
+    """``memlock`` of each LRU hash map (map_type 9) the process holds, from its fdinfo."""
+    out = []
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            fields = dict(
+                line.split(":", 1) for line in info.read_text().splitlines() if ":" in line
+            )
+            if fields.get("map_type", "").strip() == "9":
+                out.append(int(fields["memlock"]))
+    return out
 
 
 def libraries(pid: int) -> str:
@@ -146,6 +168,13 @@ def test_attached_sidecar_holds_no_bcc_llvm_nor_pyroute2(pod):
     maps = libraries(proc["pid"])
     assert "libbcc" not in maps and "libLLVM" not in maps and "libclang" not in maps
     assert "libbpf.so" in maps, "the map fds are driven through libbpf in this process"
+    # Kernel memory the maps lock, as /status reports it and as the kernel says per fd.
+    mem = st["datapath"]["kernel_memory"]
+    lru = lru_memlock(proc["pid"])
+    assert len(lru) == 2 and mem["flow_maps_memlock_bytes"] == sum(lru)
+    # Preallocated: charged in full while empty, at least key + value per entry (two per flow).
+    assert min(lru) >= 2 * 1024 * (12 + 8)
+    assert mem["memlock_bytes"] > mem["flow_maps_memlock_bytes"]
     # ... while the kernel side is in place: the children did the work.
     assert "traffic-color:ingress" in our_filters(netns)
     assert our_rules(netns) == ["10002:\tfrom all fwmark 0x2/0xff lookup 102 proto 165"] * 2

@@ -52,6 +52,7 @@ POLICY_KEYS = {
         "name",
         "value",
     ],
+    "admin": ["listen", "trusted_sources"],
     "timeouts": list(Timeouts.__dataclass_fields__),
     "datapath": ["enabled", "required", "flow_table_size", "attach", "routing"],
     "datapath.attach[]": ["interface", "direction", "netns"],

@@ -50,3 +50,11 @@ def test_format_shows_fixes_only_for_failures_and_a_summary():
     assert "never shown" not in text
     assert "[FAIL] bb" in text and "fix: do this" in text
     assert text.endswith("1 of 2 check(s) failed")
+
+
+def test_fdinfo_memlock_is_read_from_its_line() -> None:
+    from sidecar.datapath.memlock import parse_fdinfo
+
+    text = "pos:\t0\nflags:\t02000002\nmap_type:\t9\nmax_entries:\t131072\nmemlock:\t11534336\n"
+    info = parse_fdinfo(text)
+    assert info["memlock"] == "11534336" and info["map_type"] == "9"

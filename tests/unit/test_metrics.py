@@ -250,3 +250,27 @@ def test_scrape_in_another_thread_while_the_loop_adds_series() -> None:
     _, s = scrape(m.registry)
     total = sum(v for k, v in s.items() if k[0] == "traffic_color_requests_total")
     assert total == 4000
+
+
+def test_merge_keeps_ours_and_drops_app_families_that_clash() -> None:
+    from sidecar.admin.merge import merge
+
+    ours = b"# HELP up_total x\n# TYPE up_total counter\nup_total 1.0\n"
+    app = (
+        b"# HELP up_total app's\n# TYPE up_total counter\nup_total 9.0\n"
+        b"# HELP req_seconds latency\n# TYPE req_seconds histogram\n"
+        b'req_seconds_bucket{le="1"} 2\nreq_seconds_count 2\nreq_seconds_sum 0.5\n# EOF\n'
+    )
+    out = merge(ours, app).decode()
+    assert [x for x in out.splitlines() if x.startswith("up_total")] == ["up_total 1.0"]
+    assert 'req_seconds_bucket{le="1"} 2' in out and "req_seconds_sum 0.5" in out
+    assert "# EOF" not in out and out.endswith("\n")
+    assert merge(ours, b"") == ours
+
+
+def test_app_metrics_target_must_be_http_with_a_port() -> None:
+    from sidecar.admin.merge import check_target
+
+    assert check_target("http://127.0.0.1:9100/metrics") is None
+    assert "http://" in check_target("https://127.0.0.1:9100/metrics")
+    assert "port" in check_target("http://127.0.0.1/metrics")

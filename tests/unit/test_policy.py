@@ -224,3 +224,20 @@ def test_listen_addresses_may_ask_for_any_port_but_the_app_may_not() -> None:
     p = parse_policy('outbound: {listen: "127.0.0.1:0"}\n')
     assert p.outbound_listen.port == 0
     assert "not HOST:PORT" in errors_of('inbound: {app: "127.0.0.1:0"}\n')[0][1]
+
+
+def test_drain_accept_defaults_to_5s_and_alone_may_be_0() -> None:
+    assert parse_policy("version: 1\n").timeouts.drain_accept == 5.0
+    assert parse_policy("timeouts: {drain_accept: 0}\n").timeouts.drain_accept == 0.0
+    with pytest.raises(PolicyError) as err:
+        parse_policy("timeouts:\n  drain_accept: -1\n  drain: 0\n")
+    assert [i.line for i in err.value.issues] == [2, 3]
+
+
+def test_admin_trusted_sources_are_cidrs_with_lines() -> None:
+    p = parse_policy('admin: {listen: "127.0.0.1:0", trusted_sources: [10.1.0.0/16]}\n')
+    assert [str(n) for n in p.admin_trusted_sources] == ["10.1.0.0/16"]
+    assert parse_policy("version: 1\n").admin_trusted_sources == ()
+    with pytest.raises(PolicyError) as err:
+        parse_policy("admin:\n  trusted_sources:\n    - nope\n")
+    assert "3: admin.trusted_sources: 'nope' is not a CIDR" in err.value.format()

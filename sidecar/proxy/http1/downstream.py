@@ -112,7 +112,8 @@ class Shared:
         self.batch = WriteBatch(loop)  # every write and close of the proxy's sockets
         self.pool = Pool(ctx, loop, self.batch)
         self.conns: set[Downstream] = set()
-        self.draining = False
+        self.draining = False  # answers say Connection: close
+        self.accepting = False  # while draining: the listeners still serve new connections
         self.own: set[tuple[str, int]] = set()  # our listening addresses: loop detection
         self.listening: list[tuple[str, int]] = []  # the outbound sockets' (ip, port)
         self.authorities: dict[bytes, tuple[str, int]] = {}  # Host value -> (host, port)
@@ -335,7 +336,7 @@ class Downstream(asyncio.Protocol):
         if not self.outbound:
             self.trusted = self.ctx.colorer.peer_trusted(self.peer)
         self.shared.conns.add(self)
-        if self.shared.draining:
+        if self.shared.draining and not self.shared.accepting:
             self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -832,7 +833,11 @@ class Downstream(asyncio.Protocol):
         self.phase = None
         if self.closing:
             return
-        if not ex.keep_alive or not ex.complete or self.shared.draining:
+        # While the listeners still accept, an answer whose head promised keep-alive
+        # (sent before the drain began) leaves the connection open: the client may
+        # already be sending its next request, which will be told Connection: close.
+        shared = self.shared
+        if not ex.keep_alive or not ex.complete or (shared.draining and not shared.accepting):
             self._close()
             return
         if queue:
