@@ -667,6 +667,8 @@ def _baggage(ck: _Checker, entry: Any) -> str | None:
         ck.err(fields["key"][1], f"baggage.key: '{key}' is not a token (RFC 9110)")
         return None
     return key
+
+
 def _admin(ck: _Checker, entry: Any) -> tuple[Address, tuple]:
     """``admin.listen`` and ``admin.trusted_sources`` (CIDRs; loopback is always trusted)."""
     listen = parse_address("0.0.0.0:15090")
@@ -681,6 +683,13 @@ def _admin(ck: _Checker, entry: Any) -> tuple[Address, tuple]:
     return listen, _cidrs(ck, fields["trusted_sources"][1], "admin.trusted_sources")
 
 
+def _zero(text: str) -> bool:
+    try:
+        return float(text) == 0
+    except ValueError:
+        return False
+
+
 def _timeouts(ck: _Checker, entry: Any) -> Timeouts:
     if entry is None:
         return Timeouts()
@@ -688,7 +697,7 @@ def _timeouts(ck: _Checker, entry: Any) -> Timeouts:
     fields = ck.mapping(entry[1], "timeouts", names)
     values = {}
     for key, (_, vnode) in fields.items():
-        if key == "drain_accept" and isinstance(vnode, yaml.ScalarNode) and vnode.value == "0":
+        if key == "drain_accept" and isinstance(vnode, yaml.ScalarNode) and _zero(vnode.value):
             values[key] = 0.0  # the one timeout that may be 0: today's immediate stop
             continue
         value = ck.number(vnode, f"timeouts.{key}")

@@ -229,6 +229,7 @@ def test_listen_addresses_may_ask_for_any_port_but_the_app_may_not() -> None:
 def test_drain_accept_defaults_to_5s_and_alone_may_be_0() -> None:
     assert parse_policy("version: 1\n").timeouts.drain_accept == 5.0
     assert parse_policy("timeouts: {drain_accept: 0}\n").timeouts.drain_accept == 0.0
+    assert parse_policy("timeouts: {drain_accept: 0.0}\n").timeouts.drain_accept == 0.0
     with pytest.raises(PolicyError) as err:
         parse_policy("timeouts:\n  drain_accept: -1\n  drain: 0\n")
     assert [i.line for i in err.value.issues] == [2, 3]
