@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.datapath import abi, bpfsys
+from sidecar.datapath import abi, bpfsys, spawn
 from sidecar.errors import DatapathError
 
 log = logging.getLogger(__name__)
@@ -110,33 +110,16 @@ def build_classifier(flow_table_size: int, *, timeout: float = 60.0) -> Classifi
     Raises ``DatapathError(step="compile")`` with the child's explanation when
     it fails, and when it does not answer within ``timeout`` seconds.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-    cmd = [
-        sys.executable,
-        "-m",
-        "sidecar.datapath.build",
-        "--flow-table-size",
-        str(flow_table_size),
-        "--sock-fd",
-        str(theirs.fileno()),
-    ]
     deadline = time.monotonic() + timeout
     started = time.monotonic()
-    with ours, tempfile.TemporaryFile() as errfile:
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=errfile,
-                stderr=errfile,
-                env=env,
-            )
-        finally:
-            theirs.close()  # so a dead child reads as EOF here
+    with tempfile.TemporaryFile() as errfile:
+        proc, ours = spawn.spawn(
+            "sidecar.datapath.build",
+            ["--flow-table-size", str(flow_table_size)],
+            step="compile",
+            stdout=errfile,
+            stderr=errfile,
+        )
         try:
             ours.settimeout(timeout)
             msg, fds, _, _ = socket.recv_fds(ours, _MSG_MAX, _MAX_FDS)
@@ -146,6 +129,8 @@ def build_classifier(flow_table_size: int, *, timeout: float = 60.0) -> Classifi
             raise DatapathError(
                 "compile", f"the classifier build did not answer within {timeout:.0f} s"
             ) from None
+        finally:
+            ours.close()
         try:
             rc = proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -182,12 +167,7 @@ def _accept(msg: bytes, fds: list[int], rc: int, stderr: str, size: int) -> Clas
         )
     payload = json.loads(msg)
     if not payload.get("ok"):
-        text = payload.get("error", "unknown failure")
-        if payload.get("detail"):
-            text += "\n" + payload["detail"]
-        raise DatapathError(
-            "compile", text, code=payload.get("errno"), hint=payload.get("hint", "")
-        )
+        raise spawn.error_from_json(payload, "compile")
     progs = {hook: fds[i] for hook, i in payload["progs"].items()}
     maps = {name: fds[i] for name, i in payload["maps"].items()}
     if set(progs) != set(abi.PROGS) or set(maps) != set(abi.MAPS):
@@ -242,10 +222,9 @@ def _check_layout(maps: dict[str, int]) -> None:
 # ------------------------------------------------------------------- child side
 
 
-class _BuildFailure(Exception):
-    def __init__(self, error: str, hint: str = "", code: int | None = None, detail: str = ""):
-        super().__init__(error)
-        self.error, self.hint, self.code, self.detail = error, hint, code, detail
+def _failure(error: str, hint: str = "", code: int | None = None, detail: str = ""):
+    """A build failure as the parent will raise it: what failed, then the compiler's words."""
+    return DatapathError("compile", f"{error}\n{detail}" if detail else error, code, hint)
 
 
 def _capabilities() -> int:
@@ -308,25 +287,23 @@ def _import_bcc():
         try:
             import bcc
         except ImportError as exc:
-            raise _BuildFailure(
-                f"the bcc Python module is not importable ({exc})", HINT_BCC
-            ) from None
+            raise _failure(f"the bcc Python module is not importable ({exc})", HINT_BCC) from None
     return bcc
 
 
 def _compile(flow_table_size: int):
-    """Return (BPF object, {hook: fn}, {map: table}) or raise _BuildFailure."""
+    """Return (BPF object, {hook: fn}, {map: table}) or raise DatapathError("compile")."""
     caps = _capabilities()
     if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_NET_ADMIN & 1)):
-        raise _BuildFailure("missing capabilities to load BPF programs", HINT_PERM, errno.EPERM)
+        raise _failure("missing capabilities to load BPF programs", HINT_PERM, errno.EPERM)
     problem = _headers_problem()
     if problem:
-        raise _BuildFailure(problem, HINT_HEADERS, errno.ENOENT)
+        raise _failure(problem, HINT_HEADERS, errno.ENOENT)
     bcc = _import_bcc()
     try:
         src = source_dir()
     except FileNotFoundError as exc:
-        raise _BuildFailure(
+        raise _failure(
             str(exc), "the package must ship bpf/*.c and *.h as sidecar.bpf (pyproject)"
         ) from None
     cflags = [f"-I{src}", f"-DSC_FLOW_MAP_SIZE={flow_map_entries(flow_table_size)}"]
@@ -345,20 +322,18 @@ def _compile(flow_table_size: int):
         return bpf, fns, tables
     detail = _tail(err[0] if err else "", 20)
     if "Operation not permitted" in detail or "super-user" in str(failure):
-        raise _BuildFailure(
+        raise _failure(
             f"the kernel refused the classifier: {failure}", HINT_PERM, errno.EPERM, detail
         )
     if "file not found" in detail and ".h" in detail:
-        raise _BuildFailure(
-            f"a kernel header is missing: {failure}", HINT_HEADERS, errno.ENOENT, detail
-        )
+        raise _failure(f"a kernel header is missing: {failure}", HINT_HEADERS, errno.ENOENT, detail)
     hint = ""
     if "could not open bpf map" in detail:
         hint = (
             "the kernel refused to create a map: check datapath.flow_table_size "
             "and the memory available to the pod"
         )
-    raise _BuildFailure(
+    raise _failure(
         f"BCC could not build {src}/classifier.c with flow_table_size={flow_table_size}; it said:",
         hint,
         None,
@@ -370,15 +345,8 @@ def _child(flow_table_size: int, sock_fd: int) -> int:
     sock = socket.socket(fileno=sock_fd)
     try:
         bpf, fns, tables = _compile(flow_table_size)
-    except _BuildFailure as f:
-        payload = {
-            "ok": False,
-            "error": f.error,
-            "hint": f.hint,
-            "errno": f.code,
-            "detail": f.detail,
-        }
-        sock.send(json.dumps(payload).encode())
+    except DatapathError as exc:
+        sock.send(json.dumps(spawn.error_to_json(exc)).encode())
         return 1
     fds: list[int] = []
     payload: dict = {"ok": True, "progs": {}, "maps": {}, "prog_tags": {}, "prog_ids": {}}
