@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check what the kernel data path needs on this host")
     doctor.add_argument("--policy", default=os.environ.get(POLICY_ENV))
+    doctor.add_argument(
+        "--node", action="store_true", help="check the node agent's side (traffic-color node)"
+    )
+
+    node = sub.add_parser(
+        "node", help="run the node agent: route pods' flows by the color their DSCP carries"
+    )
+    node.add_argument(
+        "--policy",
+        default=os.environ.get(POLICY_ENV),
+        help=f"policy file with a node section (env {POLICY_ENV})",
+    )
 
     demo = sub.add_parser("demo", help="colored requests taking different paths, in namespaces")
     demo.add_argument(
@@ -149,7 +161,12 @@ def _doctor(args: argparse.Namespace) -> int:
     from sidecar.runtime import load_policy
 
     policy = load_policy(args.policy)
-    checks = run_doctor(policy)
+    if args.node:
+        from sidecar.datapath.doctor import run_node_doctor
+
+        checks = run_node_doctor(policy)
+    else:
+        checks = run_doctor(policy)
     print(format_doctor(checks))
     return 0 if all(c.ok for c in checks) else 1
 
@@ -166,6 +183,12 @@ def _inject(args: argparse.Namespace) -> int:
     return run_inject(args)
 
 
+def _node(args: argparse.Namespace) -> int:
+    from sidecar.node import run_node
+
+    return run_node(args.policy)
+
+
 def _webhook(args: argparse.Namespace) -> int:
     from sidecar.admin.webhook import run_webhook
 
@@ -180,4 +203,5 @@ COMMANDS = {
     "demo": _demo,
     "inject": _inject,
     "webhook": _webhook,
+    "node": _node,
 }

@@ -18,6 +18,7 @@ from sidecar.errors import DatapathError
 from sidecar.policy import Address
 
 if TYPE_CHECKING:
+    from sidecar.node import NodeAgent
     from sidecar.runtime import Sidecar
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class AdminServer:
     """``/healthz`` ``/readyz`` ``/metrics`` ``/status`` ``/debug/route``."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: Sidecar | NodeAgent) -> None:
         self.sidecar = sidecar
         self.app = web.Application()
         self.app.add_routes(
