@@ -49,6 +49,7 @@ from sidecar.proxy.exchange import (
 from sidecar.proxy.flow import PEER_FULL, FlowControl
 
 if TYPE_CHECKING:
+    from sidecar.policy import Policy
     from sidecar.proxy.protocol import Downstream, Request
     from sidecar.proxy.server import ProxyContext
     from sidecar.proxy.tunnel import Tunnel
@@ -591,19 +592,23 @@ class Pool:
             self._keys.clear()
         # A timeout scope, not ``wait_for``: no second task per connect (a burst of a
         # thousand requests opens a thousand at once).
+        dscp = color_dscp(self.ctx.colorer.policy, key[0])
         async with asyncio.timeout(self.ctx.timeouts.connect):
-            if self.ctx.hooks is not None:
-                return await self._connect_colored(key)
+            if self.ctx.hooks is not None or dscp is not None:
+                return await self._connect_colored(key, dscp)
             _, conn = await self.loop.create_connection(
                 lambda: UpstreamConnection(self, key), host, port
             )
             return conn
 
-    async def _connect_colored(self, key: Key) -> UpstreamConnection:
-        """Register the flow before its SYN leaves, then connect.
+    async def _connect_colored(self, key: Key, dscp: int | None) -> UpstreamConnection:
+        """Set the color's DSCP and register the flow before its SYN leaves, then connect.
 
-        A router routes each packet by its mark, so an unmarked handshake would
-        reach the main table's host and the marked rest of the flow another one.
+        A router routes each packet by its mark, and a node by its DSCP, so an
+        unmarked handshake would reach the main table's host and the marked rest
+        of the flow another one. The DSCP (``IP_TOS`` / ``IPV6_TCLASS``, no
+        privilege needed) crosses into the node, where the node agent reads it;
+        it is a routing hint any process in the pod could set, not access control.
         The 4-tuple is known before connect() only when we bind first, to the
         source address the kernel would pick anyway. ``opened`` then only adopts
         the registration (each flow hears ``flow_open`` exactly once) and ``lost``
@@ -624,11 +629,14 @@ class Pool:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.bind((_source_address(family, addr), 0))
-                local = sock.getsockname()
-                registered = ((sys.intern(local[0]), local[1]), self.remote(addr))
-                self._registered[registered] = (registered, hooks)
-                _call_hook(hooks.flow_open, color, *registered)
+                if dscp is not None:
+                    sock.setsockopt(*tos_option(family, dscp))
+                if hooks is not None:
+                    sock.bind((_source_address(family, addr), 0))
+                    local = sock.getsockname()
+                    registered = ((sys.intern(local[0]), local[1]), self.remote(addr))
+                    self._registered[registered] = (registered, hooks)
+                    _call_hook(hooks.flow_open, color, *registered)
                 await self.loop.sock_connect(sock, addr)
                 _, conn = await self.loop.create_connection(
                     lambda: UpstreamConnection(self, key), sock=sock
@@ -639,7 +647,7 @@ class Pool:
             except BaseException as exc:
                 sock.close()
                 if registered is not None and self._registered.pop(registered, None):
-                    _call_hook(hooks.flow_close, color, *registered)
+                    _call_hook(hooks.flow_close, color, *registered)  # type: ignore[union-attr]
                 if not isinstance(exc, OSError):
                     raise
                 error = exc
@@ -829,6 +837,19 @@ def _call_hook(method: Any, color: str, local: tuple[str, int], remote: tuple[st
         method(color, local, remote)
     except Exception:
         log.exception("%s hook failed for %s %s -> %s", method.__name__, color, local, remote)
+
+
+def color_dscp(policy: Policy, color: str) -> int | None:
+    """The DSCP a color's upstream sockets carry, or None when it has none. Pure."""
+    c = policy.colors.get(color)
+    return c.dscp if c is not None else None
+
+
+def tos_option(family: int, dscp: int) -> tuple[int, int, int]:
+    """``setsockopt`` arguments that put ``dscp`` in the DS field (ECN bits left to TCP). Pure."""
+    if family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, socket.IPV6_TCLASS, dscp << 2
+    return socket.IPPROTO_IP, socket.IP_TOS, dscp << 2
 
 
 def _source_address(family: int, addr: tuple) -> str:

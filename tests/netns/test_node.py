@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -495,3 +496,73 @@ def test_sigterm_removes_everything_and_sigkill_leftovers_are_replaced(topo, pol
     assert topo.ours() == {"filters": [], "rules": [], "routes": []}
     assert not topo.clsact("veth-a") and not topo.clsact("veth-b"), "our clsact qdiscs go too"
     assert ask(topo.pods["b"], SVC4, CANARY_DSCP) == "stable", "unrouted once the agent is gone"
+
+
+# ------------------------------------------------------------------ a sidecar without capabilities
+
+
+def test_a_sidecar_without_capabilities_gets_its_canary_flow_routed(topo, agent, tmp_path):
+    if shutil.which("setpriv") is None or shutil.which("curl") is None:
+        pytest.fail("setpriv (util-linux) and curl are needed")
+    pod = topo.pods["b"]
+    backends = [
+        subprocess.Popen(
+            nsexec(
+                host, sys.executable, "-m", "sidecar.demo.backend", "--name", name, "--port", "8081"
+            ),
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for host, name in ((topo.stable, "stable-host"), (topo.canary, "canary-host"))
+    ]
+    sidecar_policy = tmp_path / "pod.yaml"
+    sidecar_policy.write_text(
+        policy_text().split("datapath:")[0]
+        + 'outbound: {listen: "127.0.0.1:15001"}\nadmin: {listen: "127.0.0.1:15090"}\n'
+        + 'inbound: {listen: "127.0.0.1:15006"}\n'
+    )
+    log = tmp_path / "sidecar.log"
+    with open(log, "wb") as out:
+        sidecar = subprocess.Popen(
+            nsexec(
+                pod, *NO_CAPS, *SIDECAR, "run", "--policy", str(sidecar_policy), "--color", "canary"
+            ),
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            probe = subprocess.run(
+                ["ip", "netns", "exec", pod, "curl", "-s", "http://127.0.0.1:15090/readyz"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            if probe.stdout.strip() == "ready":
+                break
+            assert sidecar.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        # ip netns exec and setpriv both exec: the pid is the sidecar's
+        caps = Path(f"/proc/{sidecar.pid}/status").read_text()
+        assert "CapEff:\t0000000000000000" in caps, "the sidecar must run with no capability"
+        for svc in (SVC4, f"[{SVC6}]"):
+            got = subprocess.run(
+                nsexec(pod, "curl", "-s", "-x", "http://127.0.0.1:15001", f"http://{svc}:8081/"),
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            body = json.loads(got.stdout)
+            assert body["host"] == "canary-host", (svc, got.stdout, log.read_text()[-2000:])
+            assert body["color"] == "canary"
+    finally:
+        sidecar.send_signal(signal.SIGTERM)
+        sidecar.wait(30)
+        for p in backends:
+            p.terminate()
+            p.wait(10)
+    counters = agent.status()["datapath"]["counters"]["canary"]["veth-b"]
+    assert counters["packets"] >= 6
