@@ -35,8 +35,10 @@ POLICY_KEYS = {
         "admin",
         "timeouts",
         "datapath",
+        "node",
     ],
     "colors.NAME": ["mark", "priority", "dscp"],
+    "node": ["interfaces", "restore_dscp", "admin_listen"],
     "inbound": ["listen", "app", "trust_header", "trusted_sources", "rules"],
     "inbound.rules[]": [
         "match",
@@ -75,6 +77,7 @@ def test_example_policy_parses() -> None:
     assert policy.datapath.enabled
     assert policy.datapath.routing.colors["canary"].table == 102
     assert len(policy.inbound.rules) == 3
+    assert policy.node.interfaces == ("veth*", "cali*", "lxc*")
 
 
 @pytest.mark.parametrize("section", POLICY_KEYS)
