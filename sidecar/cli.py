@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="header coloring only, on 127.0.0.1 (no root or kernel data path needed)",
     )
+    demo.add_argument(
+        "--router",
+        action="store_true",
+        help="the sidecar reaching into a router namespace, as outside Kubernetes",
+    )
 
     from sidecar.inject.cli import add_arguments as add_inject_arguments
 

@@ -10,7 +10,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(ln.rstrip() for ln in lines)
 
 
 def format_node_status(data: dict) -> str:

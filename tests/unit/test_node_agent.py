@@ -64,7 +64,7 @@ def test_status_of_a_node_reads_as_a_node():
     text = format_status(STATUS)
     assert "node agent" in text and "DSCP restored to 0" in text
     assert "canary  10    0x2   102    7        700" in text
-    assert "stable  8     0x1   main   0        0" in text
+    assert "stable  8     0x1   main   0        0\n" in text
     assert "tc ingress on veth-b (ifindex 9, pref 40001): canary 7" in text
     assert "ip -4 rule 10002: fwmark 0x2/0xff lookup 102" in text
     down = format_status({**STATUS, "datapath": None, "error": "boom"})
