@@ -76,15 +76,20 @@ class NodeMetrics(Collector):
         reloads = CounterMetricFamily(
             "traffic_color_node_policy_reloads", "Policy reloads, by result.", labels=["result"]
         )
+        errors = CounterMetricFamily(
+            "traffic_color_node_attach_errors",
+            "Interfaces the policy names that the classifier could not be attached to.",
+        )
         dp = self.agent.datapath
         if dp is not None:
             for (color, iface), (p, b) in sorted(dp.snapshot().items()):
                 packets.add_metric([color, iface], p)
                 byts.add_metric([color, iface], b)
         attached.add_metric([], len(dp.interfaces) if dp is not None else 0)
+        errors.add_metric([], dp.attach_errors if dp is not None else 0)
         for result, n in self.reloads.items():
             reloads.add_metric([result], n)
-        return [packets, byts, attached, reloads]
+        return [packets, byts, attached, errors, reloads]
 
 
 class NodeAgent:

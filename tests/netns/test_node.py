@@ -341,6 +341,8 @@ def test_metrics_and_status_command(topo, agent):
     assert any('interface="veth-b"' in x and float(x.split()[-1]) >= 3 for x in canary), lines
     assert any(x.startswith("traffic_color_node_bytes_total{") for x in lines)
     assert "traffic_color_node_attached_interfaces 2.0" in lines
+    assert "traffic_color_node_attach_errors_total 0.0" in lines
+    assert 'traffic_color_node_policy_reloads_total{result="ok"} 0.0' in lines
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
         nsexec(topo.node, sys.executable, "-m", "sidecar", "status", "--admin", ADMIN_URL),
@@ -469,6 +471,9 @@ def test_reload_moves_a_color_without_unmarked_packets(topo, agent, policy_file)
     time.sleep(1.0)
     assert "reload (SIGHUP) rejected" in agent.log.read_text()
     assert ask(b, SVC6, CANARY_DSCP) == "canary", "the running policy stays"
+    metrics = agent.get("/metrics")[1]
+    assert 'traffic_color_node_policy_reloads_total{result="ok"} 1.0' in metrics
+    assert 'traffic_color_node_policy_reloads_total{result="rejected"} 1.0' in metrics
 
 
 # ------------------------------------------------------------------ cleanup
