@@ -471,9 +471,13 @@ def test_reload_moves_a_color_without_unmarked_packets(topo, agent, policy_file)
     time.sleep(1.0)
     assert "reload (SIGHUP) rejected" in agent.log.read_text()
     assert ask(b, SVC6, CANARY_DSCP) == "canary", "the running policy stays"
-    metrics = agent.get("/metrics")[1]
-    assert 'traffic_color_node_policy_reloads_total{result="ok"} 1.0' in metrics
-    assert 'traffic_color_node_policy_reloads_total{result="rejected"} 1.0' in metrics
+    reloads = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in agent.get("/metrics")[1].splitlines()
+        if line.startswith("traffic_color_node_policy_reloads_total{")
+    }
+    # SIGHUP and the file watcher may both have read each version of the file.
+    assert reloads["ok"] == 1 and reloads["rejected"] >= 1, reloads
 
 
 # ------------------------------------------------------------------ cleanup
