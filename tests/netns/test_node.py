@@ -575,3 +575,32 @@ def test_a_sidecar_without_capabilities_gets_its_canary_flow_routed(topo, agent,
             p.wait(10)
     counters = agent.status()["datapath"]["counters"]["canary"]["veth-b"]
     assert counters["packets"] >= 6
+
+
+def test_reload_of_interfaces_and_color_order_keeps_counts_under_their_names(
+    topo, agent, policy_file
+):
+    """Globs that no longer name an interface take our filter off it; ids that move keep counts."""
+    b = topo.pods["b"]
+    assert ask(b, SVC4, CANARY_DSCP) == "canary"
+    before = agent.status()["datapath"]["counters"]["canary"]["veth-b"]["packets"]
+    text = policy_text().replace('["veth*"]', '["veth-a"]')
+    # canary first: color ids change (canary 1, stable 2), the node's table follows by name.
+    stable = f"  stable: {{mark: 0x1, dscp: {STABLE_DSCP}}}\n"
+    canary = f"  canary: {{mark: 0x2, dscp: {CANARY_DSCP}}}\n"
+    text = text.replace(stable + canary, canary + stable)
+    assert text.index("canary:") < text.index("stable:")
+    digest = agent.status()["policy"]["digest"]
+    policy_file.write_text(text)
+    agent.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while agent.status()["policy"]["digest"] == digest:
+        assert time.monotonic() < deadline, agent.tail()
+        time.sleep(0.05)
+    assert agent.attached() == {"veth-a"}
+    assert not [f for f in topo.ours()["filters"] if f.startswith("veth-b")]
+    assert ask(b, SVC4, CANARY_DSCP) == "stable", "veth-b is no longer read"
+    assert ask(topo.pods["a"], SVC4, CANARY_DSCP) == "canary"
+    counters = agent.status()["datapath"]["counters"]
+    assert counters["canary"]["veth-b"]["packets"] == before, "kept, not lost or re-labelled"
+    assert "veth-b" not in counters.get("stable", {})
