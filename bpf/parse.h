@@ -25,7 +25,7 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 
-#include "maps.h"
+#include "sc_abi.h"
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define sc_htons(x) ((__be16)__builtin_bswap16(x))

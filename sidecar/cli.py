@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the pod color to check with --preflight (env {COLOR_ENV})",
     )
 
+    doctor.add_argument(
+        "--node", action="store_true", help="check the node agent's side (traffic-color node)"
+    )
+
     analyze = sub.add_parser(
         "analyze", help="find what injection and the sidecar would trip over in manifests"
     )
@@ -108,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the JSON ruleset; touch nothing"
     )
 
+    node = sub.add_parser(
+        "node", help="run the node agent: route pods' flows by the color their DSCP carries"
+    )
+    node.add_argument(
+        "--policy",
+        default=os.environ.get(POLICY_ENV),
+        help=f"policy file with a node section (env {POLICY_ENV})",
+    )
+
     demo = sub.add_parser("demo", help="colored requests taking different paths, in namespaces")
     demo.add_argument(
         "--keep", action="store_true", help="leave the topology up until Enter is pressed"
@@ -116,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--loopback",
         action="store_true",
         help="header coloring only, on 127.0.0.1 (no root or kernel data path needed)",
+    )
+    demo.add_argument(
+        "--router",
+        action="store_true",
+        help="the sidecar reaching into a router namespace, as outside Kubernetes",
     )
 
     from sidecar.inject.cli import add_arguments as add_inject_arguments
@@ -218,6 +236,10 @@ def _doctor(args: argparse.Namespace) -> int:
         from sidecar.preflight import run_preflight
 
         checks = run_preflight(policy, args.color or policy.default_color)
+    elif args.node:
+        from sidecar.datapath.doctor import run_node_doctor
+
+        checks = run_node_doctor(policy)
     else:
         checks = run_doctor(policy)
     print(format_doctor(checks))
@@ -282,6 +304,12 @@ def _inject(args: argparse.Namespace) -> int:
     return run_inject(args)
 
 
+def _node(args: argparse.Namespace) -> int:
+    from sidecar.node import run_node
+
+    return run_node(args.policy)
+
+
 def _webhook(args: argparse.Namespace) -> int:
     from sidecar.admin.webhook import run_webhook
 
@@ -298,4 +326,5 @@ COMMANDS = {
     "demo": _demo,
     "inject": _inject,
     "webhook": _webhook,
+    "node": _node,
 }

@@ -40,6 +40,7 @@ DEFAULT_OWNER_UID = 1337
 # SO_MARK bit on the sidecar's own upstream sockets: capture never redirects them,
 # whatever uid the sidecar runs as. Setting it needs CAP_NET_ADMIN, which apps lack.
 DEFAULT_OWN_MARK = 0x13370000
+DEFAULT_NODE_ADMIN = "0.0.0.0:15091"  # the node agent's admin port, beside a pod's 15090
 
 DEFAULT_POLICY_TEXT = """\
 version: 1
@@ -220,6 +221,26 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class Node:
+    """The node agent's part (``traffic-color node``): where it reads colors from DSCP.
+
+    ``interfaces`` are glob patterns of host-side pod interfaces (``veth*``,
+    ``cali*``, ``lxc*``); ``restore_dscp``, when set, is written into the DS
+    field once the color is read, so the pod's DSCP does not travel further.
+    """
+
+    interfaces: tuple[str, ...] = ()
+    restore_dscp: int | None = None
+    admin_listen: Address = field(default_factory=lambda: _address(DEFAULT_NODE_ADMIN))
+
+
+def _address(text: str) -> Address:
+    addr = parse_address(text, listen=True)
+    assert addr is not None, text
+    return addr
+
+
+@dataclass(frozen=True)
 class Policy:
     version: int
     header: str
@@ -239,6 +260,7 @@ class Policy:
     capture: Capture = field(default_factory=Capture)
     # Peers besides loopback that may use /status, /debug/route and /quitquitquit.
     admin_trusted_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    node: Node = field(default_factory=Node)
 
     def color_by_id(self) -> dict[int, Color]:
         return {c.id: c for c in self.colors.values()}
@@ -255,6 +277,8 @@ class _Checker:
         # Every name under ``colors``, valid or not: a reference to a color whose own
         # entry is wrong is not reported again as "not defined".
         self.declared_colors: set[str] = set()
+        # color name -> its ``dscp`` node, for issues the node section finds there.
+        self.dscp_nodes: dict[str, yaml.Node] = {}
 
     def err(self, node: yaml.Node, message: str) -> None:
         self.issues.append(PolicyIssue(node.start_mark.line + 1, message))
@@ -397,6 +421,7 @@ _TOP = {
     "datapath",
     "baggage",
     "capture",
+    "node",
 }
 
 
@@ -448,6 +473,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     datapath = _datapath(ck, top.get("datapath"), colors)
     baggage_key = _baggage(ck, top.get("baggage"))
     capture = _capture(ck, top.get("capture"), mark_mask)
+    node = _node(ck, top.get("node"), colors)
 
     if ck.issues:
         raise PolicyError(source, ck.issues)
@@ -469,6 +495,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         baggage_key=baggage_key,
         capture=capture,
         admin_trusted_sources=admin_trusted,
+        node=node,
     )
 
 
@@ -534,6 +561,8 @@ def _colors(ck: _Checker, entry: Any, mark_mask: int) -> dict[str, Color]:
             else None
         )
         dscp = ck.integer(fields["dscp"][1], f"{where}.dscp", 0, 63) if "dscp" in fields else None
+        if dscp is not None:
+            ck.dscp_nodes[name] = fields["dscp"][1]
         colors[name] = Color(name=name, id=cid, mark=mark, priority=priority, dscp=dscp)
     return colors
 
@@ -1064,3 +1093,65 @@ def _cidrs(
         except ValueError:
             ck.err(item, f"{where}: '{text}' is not a CIDR")
     return tuple(nets)
+
+
+def _node(ck: _Checker, entry: Any, colors: dict[str, Color]) -> Node:
+    """``node: {interfaces: [globs], restore_dscp: N, admin_listen: HOST:PORT}``.
+
+    The node reads a color from its DSCP, so with this section every color
+    that has a ``dscp`` must have its own, and not 0 (every unmarked packet
+    carries 0); ``restore_dscp`` must not be a color's (the next node would
+    read the color again).
+    """
+    if entry is None:
+        return Node()
+    knode, vnode = entry
+    fields = ck.mapping(vnode, "node", {"interfaces", "restore_dscp", "admin_listen"})
+    globs = []
+    if "interfaces" in fields:
+        for node in ck.sequence(fields["interfaces"][1], "node.interfaces"):
+            text = ck.string(node, "node.interfaces[]")
+            if text is None:
+                continue
+            if not re.fullmatch(r"[^\s/:]{1,32}", text):
+                ck.err(
+                    node,
+                    f"node.interfaces: '{text}' is not an interface name or glob "
+                    "(such as veth*; no '/', ':' or spaces)",
+                )
+                continue
+            globs.append(text)
+    restore = None
+    if "restore_dscp" in fields:
+        restore = ck.integer(fields["restore_dscp"][1], "node.restore_dscp", 0, 63)
+    admin = _address(DEFAULT_NODE_ADMIN)
+    if "admin_listen" in fields:
+        admin = ck.address(fields["admin_listen"][1], "node.admin_listen") or admin
+    by_dscp: dict[int, str] = {}
+    for name, color in colors.items():
+        if color.dscp is None:
+            continue
+        where = ck.dscp_nodes.get(name, knode)
+        if color.dscp == 0:
+            ck.err(
+                where,
+                f"colors.{name}.dscp: 0 is what every unmarked packet carries; "
+                "the node cannot read a color from it",
+            )
+        elif color.dscp in by_dscp:
+            ck.err(
+                where,
+                f"colors.{name}.dscp: {color.dscp} is also the DSCP of "
+                f"'{by_dscp[color.dscp]}'; the node cannot tell them apart",
+            )
+        else:
+            by_dscp[color.dscp] = name
+    if colors and not by_dscp and not any(c.dscp == 0 for c in colors.values()):
+        ck.err(knode, "node: no color has a dscp, so the node cannot read any color")
+    if restore is not None and restore in by_dscp:
+        ck.err(
+            fields["restore_dscp"][1],
+            f"node.restore_dscp: {restore} is the DSCP of '{by_dscp[restore]}'; "
+            "the next node would read that color again",
+        )
+    return Node(tuple(globs), restore, admin)

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,19 @@ def _file_identity(path: str) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+async def watch_policy_file(path: str | None, reload: Callable[[str], Awaitable[bool]]) -> None:
+    """Check the file every second; Kubernetes updates ConfigMaps by a symlink swap."""
+    if not path:
+        return
+    seen = _file_identity(path)
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        now = _file_identity(path)
+        if now != seen and now is not None:
+            seen = now
+            await reload("file changed")
 
 
 @dataclass
@@ -323,16 +337,7 @@ class Sidecar:
         self.policy = policy
 
     async def watch_policy(self) -> None:
-        """Check the file every second; Kubernetes updates ConfigMaps by a symlink swap."""
-        if not self.policy_path:
-            return
-        seen = _file_identity(self.policy_path)
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            now = _file_identity(self.policy_path)
-            if now != seen and now is not None:
-                seen = now
-                await self.reload("file changed")
+        await watch_policy_file(self.policy_path, self.reload)
 
     # ------------------------------------------------------------ views
 

@@ -22,6 +22,7 @@ from sidecar.errors import DatapathError
 from sidecar.policy import Address
 
 if TYPE_CHECKING:
+    from sidecar.node import NodeAgent
     from sidecar.runtime import Sidecar
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class AdminServer:
     The last three answer loopback and ``admin.trusted_sources`` only (see ``access``).
     """
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: Sidecar | NodeAgent) -> None:
         self.sidecar = sidecar
         self.app = web.Application(middlewares=[self._gate])
         self.app.add_routes(

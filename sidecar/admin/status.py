@@ -70,6 +70,10 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def format_status(data: dict) -> str:
     """A human table of what ``/status`` says."""
+    if data.get("kind") == "node":
+        from sidecar.admin.node_status import format_node_status
+
+        return format_node_status(data)
     out = []
     pol = data["policy"]
     dp = data["datapath"]

@@ -1,6 +1,6 @@
-"""ctypes mirrors of ``bpf/maps.h``: map names, constants and shared structs. Pure.
+"""ctypes mirrors of ``bpf/sc_abi.h``: map names, constants and shared structs. Pure.
 
-Must be in sync with bpf/maps.h, which is the source of truth (Katran's habit):
+Must be in sync with bpf/sc_abi.h, which is the source of truth (Katran's habit):
 ``tests/unit/test_abi.py`` compiles ``tests/abi/probe.c`` with the host compiler and
 compares every size, offset and constant below with what C sees. Each structure
 names its C struct and the byte order of each field. A layout change means a new
@@ -41,8 +41,28 @@ MAPS = MapNames(
 # hook name -> entry point in bpf/classifier.c
 PROGS: dict[str, str] = {"ingress": "sc_tc_ingress", "egress": "sc_tc_egress"}
 
+
+class NodeMapNames(NamedTuple):
+    """The node classifier's maps (bpf/node_maps.h)."""
+
+    colors: str  # DSCP -> color, two generations
+    config: str  # the live generation
+    ifaces: str  # ifindex -> counter slot
+    stats: str  # per-CPU counters per (slot, color)
+
+
+NODE_MAPS = NodeMapNames(
+    colors="sc_node_colors",
+    config="sc_node_config",
+    ifaces="sc_node_ifaces",
+    stats="sc_node_stats",
+)
+
+# hook name -> entry point in bpf/node.c
+NODE_PROGS: dict[str, str] = {"ingress": "sc_node_ingress"}
+
 # -------------------------------------------------------------- constants
-# Spelled as in bpf/maps.h; test_abi.py checks every value against the C.
+# Spelled as in bpf/sc_abi.h; test_abi.py checks every value against the C.
 
 SC_MAX_COLORS = 64
 SC_GENERATIONS = 2
@@ -54,6 +74,8 @@ F_HAS_PRIORITY = 1 << 1
 F_HAS_DSCP = 1 << 2
 F_FLOW_REPLY = 1 << 0  # sc_flow_value.flags
 SC_STATS_SLOTS = SC_MAX_COLORS * SC_HOOKS
+SC_DSCP_VALUES = 64
+F_RESTORE_DSCP = 1 << 3  # sc_node_color.flags
 
 # hook name -> hook id, as the counters index them
 HOOKS: dict[str, int] = {"ingress": SC_HOOK_INGRESS, "egress": SC_HOOK_EGRESS}
@@ -131,6 +153,29 @@ class Counter(ctypes.Structure):
     ]
 
 
+class NodeColorEntry(ctypes.Structure):
+    """``struct sc_node_color``: what a DSCP means on the node, one slot per generation."""
+
+    _fields_ = [
+        ("mark", ctypes.c_uint32),  # host order; within mask
+        ("mask", ctypes.c_uint32),  # host order
+        ("priority", ctypes.c_uint32),  # host order
+        ("flags", ctypes.c_uint32),  # host order; F_PRESENT, F_HAS_PRIORITY, F_RESTORE_DSCP
+        ("color_id", ctypes.c_uint32),  # host order
+        ("restore_dscp", ctypes.c_uint8),  # 0..63
+        ("pad", ctypes.c_uint8 * 3),  # zero
+    ]
+
+
+class NodeIface(ctypes.Structure):
+    """``struct sc_node_iface``: an interface's counter slot, found by its ifindex's low bits."""
+
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),  # host order; 0 = free
+        ("slot", ctypes.c_uint32),  # host order
+    ]
+
+
 class SkBuff(ctypes.Structure):
     """``struct __sk_buff`` from linux/bpf.h (UAPI), the BPF_PROG_TEST_RUN context.
 
@@ -164,6 +209,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "sc_color": ColorEntry,
     "sc_config": Config,
     "sc_counter": Counter,
+    "sc_node_color": NodeColorEntry,
+    "sc_node_iface": NodeIface,
     "__sk_buff": SkBuff,
 }
 
@@ -263,4 +310,38 @@ def color_entry(
             raise ValueError(f"dscp {dscp} is not in 0..63")
         entry.dscp = dscp
         entry.flags |= F_HAS_DSCP
+    return entry
+
+
+def node_color_slot(generation: int, dscp: int) -> int:
+    """Index of a DSCP's entry in sc_node_colors."""
+    if generation not in (0, 1):
+        raise ValueError(f"generation {generation} is not 0 or 1")
+    if not 0 <= dscp < SC_DSCP_VALUES:
+        raise ValueError(f"dscp {dscp} is not in 0..63")
+    return generation * SC_DSCP_VALUES + dscp
+
+
+def node_stats_slot(slot: int, color_id: int) -> int:
+    """Index of an (interface slot, color) counter in sc_node_stats."""
+    return slot * SC_MAX_COLORS + color_id
+
+
+def node_color_entry(
+    color_id: int,
+    mark: int,
+    mask: int,
+    priority: int | None = None,
+    restore_dscp: int | None = None,
+) -> NodeColorEntry:
+    """A live sc_node_colors slot; the same checks as ``color_entry``."""
+    pod = color_entry(mark, mask, priority, restore_dscp)
+    if not 0 < color_id < SC_MAX_COLORS:
+        raise ValueError(f"color id {color_id} is not in 1..{SC_MAX_COLORS - 1}")
+    entry = NodeColorEntry(
+        mark=mark, mask=mask, priority=pod.priority, color_id=color_id, restore_dscp=pod.dscp
+    )
+    entry.flags = F_PRESENT | (pod.flags & F_HAS_PRIORITY)
+    if restore_dscp is not None:
+        entry.flags |= F_RESTORE_DSCP
     return entry

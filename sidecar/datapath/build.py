@@ -3,15 +3,17 @@
 Why a child (issue 5): BCC pulls LLVM/clang (hundreds of MB) into the process
 that imports it, and the sidecar lives as long as its pod. So the parent runs
 ``python -m sidecar.datapath.build`` which imports ``bcc``, compiles
-``bpf/classifier.c`` with the sizes Python owns (``-DSC_FLOW_MAP_SIZE``),
-loads both entry points as SCHED_CLS and sends the program and map fds back
-over a Unix socket (SCM_RIGHTS) with a JSON message naming each fd, then exits.
+``bpf/classifier.c`` (a pod's) or ``bpf/node.c`` (the node agent's) with the
+sizes Python owns (``-DSC_FLOW_MAP_SIZE``; ``-DSC_NODE_IFINDEX_SLOTS``,
+``-DSC_NODE_MAX_IFACES``), loads its entry points as SCHED_CLS and sends the
+program and map fds back over a Unix socket (SCM_RIGHTS) with a JSON message
+naming each fd, then exits.
 The kernel objects live on through the parent's copies of the fds. The parent
 never imports ``bcc``; it uses ``bpfsys`` (libbpf over ctypes) on the fds.
 
-When the child cannot build, it sends ``{"ok": false, ...}`` with what is
-missing and how to fix it, and exits non-zero; ``build_classifier`` raises that
-as ``DatapathError(step="compile")``.
+When the child cannot build, it sends the error envelope of ``spawn`` with
+what is missing and how to fix it, and exits non-zero; ``build_classifier``
+raises that as ``DatapathError(step="compile")``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.datapath import abi, bpfsys
+from sidecar.datapath import abi, bpfsys, spawn
 from sidecar.errors import DatapathError
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class Classifier:
 
     progs: dict[str, int]  # "ingress" / "egress" -> program fd
     maps: dict[str, int]  # abi map name -> map fd
-    flow_table_size: int
+    flow_table_size: int  # 0 for the node classifier, which has no flow maps
     prog_tags: dict[str, str] = field(default_factory=dict)  # hook -> kernel prog tag
     prog_ids: dict[str, int] = field(default_factory=dict)  # hook -> kernel prog id
 
@@ -105,38 +107,38 @@ def source_dir() -> Path:
 
 
 def build_classifier(flow_table_size: int, *, timeout: float = 60.0) -> Classifier:
-    """Compile and load the classifier in a child process; return its fds.
+    """Compile and load the pod classifier in a child process; return its fds.
 
     Raises ``DatapathError(step="compile")`` with the child's explanation when
     it fails, and when it does not answer within ``timeout`` seconds.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-    cmd = [
-        sys.executable,
-        "-m",
-        "sidecar.datapath.build",
-        "--flow-table-size",
-        str(flow_table_size),
-        "--sock-fd",
-        str(theirs.fileno()),
-    ]
+    args = ["--flow-table-size", str(flow_table_size)]
+    return _build(POD, args, flow_table_size, timeout)
+
+
+def build_node_classifier(
+    ifindex_slots: int, max_interfaces: int, *, timeout: float = 60.0
+) -> Classifier:
+    """Compile and load the node classifier (bpf/node.c) in a child; as ``build_classifier``.
+
+    ``ifindex_slots`` (a power of two) sizes the ifindex -> counter slot map,
+    ``max_interfaces`` the counters (slot 0 counts interfaces without a slot).
+    """
+    args = ["--ifindex-slots", str(ifindex_slots), "--max-interfaces", str(max_interfaces)]
+    return _build(NODE, args, 0, timeout)
+
+
+def _build(program: Program, args: list[str], size: int, timeout: float) -> Classifier:
     deadline = time.monotonic() + timeout
     started = time.monotonic()
-    with ours, tempfile.TemporaryFile() as errfile:
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=errfile,
-                stderr=errfile,
-                env=env,
-            )
-        finally:
-            theirs.close()  # so a dead child reads as EOF here
+    with tempfile.TemporaryFile() as errfile:
+        proc, ours = spawn.spawn(
+            "sidecar.datapath.build",
+            ["--program", program.name, *args],
+            step="compile",
+            stdout=errfile,
+            stderr=errfile,
+        )
         try:
             ours.settimeout(timeout)
             msg, fds, _, _ = socket.recv_fds(ours, _MSG_MAX, _MAX_FDS)
@@ -146,6 +148,8 @@ def build_classifier(flow_table_size: int, *, timeout: float = 60.0) -> Classifi
             raise DatapathError(
                 "compile", f"the classifier build did not answer within {timeout:.0f} s"
             ) from None
+        finally:
+            ours.close()
         try:
             rc = proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -154,17 +158,18 @@ def build_classifier(flow_table_size: int, *, timeout: float = 60.0) -> Classifi
         errfile.seek(0)
         stderr = errfile.read().decode(errors="replace")
     try:
-        classifier = _accept(msg, fds, rc, stderr, flow_table_size)
+        classifier = _accept(program, msg, fds, rc, stderr, size)
     except BaseException:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         raise
     log.info(
-        "classifier loaded in %.2f s: progs %s, flow table %d entries",
+        "%s classifier loaded in %.2f s: progs %s, %s",
+        program.name,
         time.monotonic() - started,
         classifier.prog_ids,
-        flow_table_size,
+        " ".join(args),
     )
     return classifier
 
@@ -173,7 +178,9 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _accept(msg: bytes, fds: list[int], rc: int, stderr: str, size: int) -> Classifier:
+def _accept(
+    program: Program, msg: bytes, fds: list[int], rc: int, stderr: str, size: int
+) -> Classifier:
     """Check the child's message and turn it into a Classifier (or raise)."""
     if not msg:
         detail = _tail(stderr) or "no output"
@@ -182,21 +189,16 @@ def _accept(msg: bytes, fds: list[int], rc: int, stderr: str, size: int) -> Clas
         )
     payload = json.loads(msg)
     if not payload.get("ok"):
-        text = payload.get("error", "unknown failure")
-        if payload.get("detail"):
-            text += "\n" + payload["detail"]
-        raise DatapathError(
-            "compile", text, code=payload.get("errno"), hint=payload.get("hint", "")
-        )
+        raise spawn.error_from_json(payload, "compile")
     progs = {hook: fds[i] for hook, i in payload["progs"].items()}
     maps = {name: fds[i] for name, i in payload["maps"].items()}
-    if set(progs) != set(abi.PROGS) or set(maps) != set(abi.MAPS):
+    if set(progs) != set(program.progs) or set(maps) != set(program.sizes):
         raise DatapathError(
             "compile",
             f"the build sent {sorted(progs)} / {sorted(maps)}, "
-            f"expected {sorted(abi.PROGS)} / {sorted(abi.MAPS)}",
+            f"expected {sorted(program.progs)} / {sorted(program.sizes)}",
         )
-    _check_layout(maps)
+    _check_layout(program, maps)
     return Classifier(
         progs=progs,
         maps=maps,
@@ -215,19 +217,46 @@ def flow_map_entries(flow_table_size: int) -> int:
     return 2 * flow_table_size
 
 
-# Key and value size of each map, per abi.py (a per-CPU value is one CPU's).
-_SIZES = {
-    abi.MAPS.flows: (abi.FlowKey4, abi.FlowValue),
-    abi.MAPS.flows6: (abi.FlowKey6, abi.FlowValue),
-    abi.MAPS.colors: (None, abi.ColorEntry),
-    abi.MAPS.config: (None, abi.Config),
-    abi.MAPS.stats: (None, abi.Counter),
-}
+@dataclass(frozen=True)
+class Program:
+    """One classifier source under bpf/: its entry points and its maps' layouts."""
+
+    name: str  # --program of the build child
+    source: str  # file name in source_dir()
+    progs: dict[str, str]  # hook -> entry point
+    # map name -> (key type or None for a u32 index, value type; a per-CPU value is one CPU's)
+    sizes: dict[str, tuple[type | None, type]]
 
 
-def _check_layout(maps: dict[str, int]) -> None:
+POD = Program(
+    "pod",
+    "classifier.c",
+    abi.PROGS,
+    {
+        abi.MAPS.flows: (abi.FlowKey4, abi.FlowValue),
+        abi.MAPS.flows6: (abi.FlowKey6, abi.FlowValue),
+        abi.MAPS.colors: (None, abi.ColorEntry),
+        abi.MAPS.config: (None, abi.Config),
+        abi.MAPS.stats: (None, abi.Counter),
+    },
+)
+NODE = Program(
+    "node",
+    "node.c",
+    abi.NODE_PROGS,
+    {
+        abi.NODE_MAPS.colors: (None, abi.NodeColorEntry),
+        abi.NODE_MAPS.config: (None, abi.Config),
+        abi.NODE_MAPS.ifaces: (None, abi.NodeIface),
+        abi.NODE_MAPS.stats: (None, abi.Counter),
+    },
+)
+PROGRAMS = {p.name: p for p in (POD, NODE)}
+
+
+def _check_layout(program: Program, maps: dict[str, int]) -> None:
     """The kernel's view of each map must match abi.py, or we would write garbage."""
-    for name, (key_t, value_t) in _SIZES.items():
+    for name, (key_t, value_t) in program.sizes.items():
         info = bpfsys.map_info(maps[name])
         want_key = ctypes.sizeof(key_t) if key_t is not None else 4
         want_value = ctypes.sizeof(value_t)
@@ -235,17 +264,16 @@ def _check_layout(maps: dict[str, int]) -> None:
             raise DatapathError(
                 "compile",
                 f"map {name} has key/value {info.key_size}/{info.value_size} bytes, abi.py "
-                f"expects {want_key}/{want_value}: bpf/maps.h and abi.py are out of sync",
+                f"expects {want_key}/{want_value}: bpf/sc_abi.h and abi.py are out of sync",
             )
 
 
 # ------------------------------------------------------------------- child side
 
 
-class _BuildFailure(Exception):
-    def __init__(self, error: str, hint: str = "", code: int | None = None, detail: str = ""):
-        super().__init__(error)
-        self.error, self.hint, self.code, self.detail = error, hint, code, detail
+def _failure(error: str, hint: str = "", code: int | None = None, detail: str = ""):
+    """A build failure as the parent will raise it: what failed, then the compiler's words."""
+    return DatapathError("compile", f"{error}\n{detail}" if detail else error, code, hint)
 
 
 def _capabilities() -> int:
@@ -308,36 +336,37 @@ def _import_bcc():
         try:
             import bcc
         except ImportError as exc:
-            raise _BuildFailure(
-                f"the bcc Python module is not importable ({exc})", HINT_BCC
-            ) from None
+            raise _failure(f"the bcc Python module is not importable ({exc})", HINT_BCC) from None
     return bcc
 
 
-def _compile(flow_table_size: int):
-    """Return (BPF object, {hook: fn}, {map: table}) or raise _BuildFailure."""
+def _compile(program: Program, defines: dict[str, int], what: str):
+    """Return (BPF object, {hook: fn}, {map: table}) or raise DatapathError("compile").
+
+    ``defines`` are the sizes Python owns (-D), ``what`` names them for people.
+    """
     caps = _capabilities()
     if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_NET_ADMIN & 1)):
-        raise _BuildFailure("missing capabilities to load BPF programs", HINT_PERM, errno.EPERM)
+        raise _failure("missing capabilities to load BPF programs", HINT_PERM, errno.EPERM)
     problem = _headers_problem()
     if problem:
-        raise _BuildFailure(problem, HINT_HEADERS, errno.ENOENT)
+        raise _failure(problem, HINT_HEADERS, errno.ENOENT)
     bcc = _import_bcc()
     try:
         src = source_dir()
     except FileNotFoundError as exc:
-        raise _BuildFailure(
+        raise _failure(
             str(exc), "the package must ship bpf/*.c and *.h as sidecar.bpf (pyproject)"
         ) from None
-    cflags = [f"-I{src}", f"-DSC_FLOW_MAP_SIZE={flow_map_entries(flow_table_size)}"]
+    cflags = [f"-I{src}", *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
     with _captured_stderr() as err:
         try:
-            bpf = bcc.BPF(src_file=str(src / "classifier.c").encode(), cflags=cflags)
+            bpf = bcc.BPF(src_file=str(src / program.source).encode(), cflags=cflags)
             fns = {
                 hook: bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
-                for hook, name in abi.PROGS.items()
+                for hook, name in program.progs.items()
             }
-            tables = {name: bpf.get_table(name) for name in abi.MAPS}
+            tables = {name: bpf.get_table(name) for name in program.sizes}
             failure = None
         except Exception as exc:  # BCC raises bare Exception for every failure
             failure = exc
@@ -345,40 +374,31 @@ def _compile(flow_table_size: int):
         return bpf, fns, tables
     detail = _tail(err[0] if err else "", 20)
     if "Operation not permitted" in detail or "super-user" in str(failure):
-        raise _BuildFailure(
+        raise _failure(
             f"the kernel refused the classifier: {failure}", HINT_PERM, errno.EPERM, detail
         )
     if "file not found" in detail and ".h" in detail:
-        raise _BuildFailure(
-            f"a kernel header is missing: {failure}", HINT_HEADERS, errno.ENOENT, detail
-        )
+        raise _failure(f"a kernel header is missing: {failure}", HINT_HEADERS, errno.ENOENT, detail)
     hint = ""
     if "could not open bpf map" in detail:
         hint = (
-            "the kernel refused to create a map: check datapath.flow_table_size "
-            "and the memory available to the pod"
+            f"the kernel refused to create a map: check {what} "
+            "and the memory available to the process"
         )
-    raise _BuildFailure(
-        f"BCC could not build {src}/classifier.c with flow_table_size={flow_table_size}; it said:",
+    raise _failure(
+        f"BCC could not build {src}/{program.source} with {what}; it said:",
         hint,
         None,
         detail or str(failure),
     )
 
 
-def _child(flow_table_size: int, sock_fd: int) -> int:
+def _child(program: Program, defines: dict[str, int], what: str, sock_fd: int) -> int:
     sock = socket.socket(fileno=sock_fd)
     try:
-        bpf, fns, tables = _compile(flow_table_size)
-    except _BuildFailure as f:
-        payload = {
-            "ok": False,
-            "error": f.error,
-            "hint": f.hint,
-            "errno": f.code,
-            "detail": f.detail,
-        }
-        sock.send(json.dumps(payload).encode())
+        bpf, fns, tables = _compile(program, defines, what)
+    except DatapathError as exc:
+        sock.send(json.dumps(spawn.error_to_json(exc)).encode())
         return 1
     fds: list[int] = []
     payload: dict = {"ok": True, "progs": {}, "maps": {}, "prog_tags": {}, "prog_ids": {}}
@@ -399,12 +419,24 @@ def _child(flow_table_size: int, sock_fd: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flow-table-size", type=int, required=True)
+    parser.add_argument("--program", choices=sorted(PROGRAMS), default="pod")
+    parser.add_argument("--flow-table-size", type=int, help="pod: flows in the flow maps")
+    parser.add_argument("--ifindex-slots", type=int, help="node: entries of sc_node_ifaces")
+    parser.add_argument("--max-interfaces", type=int, help="node: counter slots")
     parser.add_argument(
         "--sock-fd", type=int, required=True, help="Unix SEQPACKET socket inherited from the parent"
     )
     args = parser.parse_args(argv)
-    return _child(args.flow_table_size, args.sock_fd)
+    if args.program == "node":
+        defines = {
+            "SC_NODE_IFINDEX_SLOTS": args.ifindex_slots,
+            "SC_NODE_MAX_IFACES": args.max_interfaces,
+        }
+        what = f"ifindex_slots={args.ifindex_slots}, max_interfaces={args.max_interfaces}"
+    else:
+        defines = {"SC_FLOW_MAP_SIZE": flow_map_entries(args.flow_table_size)}
+        what = f"flow_table_size={args.flow_table_size}"
+    return _child(PROGRAMS[args.program], defines, what, args.sock_fd)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ The child is stateless across sessions: the one fact tc ownership needs to
 remember (which clsact qdiscs are ours, ``TcAttacher._qdisc_ours``) travels
 with every request and comes back with every answer. Program fds for
 ``attach`` travel with the request (SCM_RIGHTS), as the build child sends
-them. A failure comes back as the ``DatapathError`` the child raised (step,
-message, errno, hint) and is raised again in the parent unchanged.
+them. A failure comes back in the envelope of ``spawn`` (step, message, errno,
+hint) and is raised again in the parent unchanged.
 
 Protocol: one JSON object per SEQPACKET message. Request ``{"op", "args",
 "qdisc"}`` (+ fds), answer ``{"ok": true, "result", "qdisc"}`` or ``{"ok":
@@ -33,9 +33,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from sidecar.datapath import spawn
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint
 
@@ -68,17 +68,6 @@ def qdisc_from_json(rows: list) -> QdiscOwnership:
     return {(netns, int(ifindex)): bool(ours) for netns, ifindex, ours in rows}
 
 
-def error_to_json(exc: DatapathError) -> dict:
-    """The parts of a DatapathError, so the parent raises the same one."""
-    text = str(exc)
-    prefix, suffix = f"{exc.step}: ", f" ({exc.hint})" if exc.hint else ""
-    if text.startswith(prefix):
-        text = text[len(prefix) :]
-    if suffix and text.endswith(suffix):
-        text = text[: -len(suffix)]
-    return {"ok": False, "step": exc.step, "message": text, "code": exc.code, "hint": exc.hint}
-
-
 # ------------------------------------------------------------------ parent side
 
 
@@ -93,23 +82,10 @@ class NetlinkSession:
     def __init__(self, qdisc: QdiscOwnership, *, timeout: float = 60.0) -> None:
         self.qdisc = qdisc
         self.timeout = timeout
-        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-        level = logging.getLevelName(logging.getLogger("sidecar").getEffectiveLevel())
-        cmd = [sys.executable, "-m", "sidecar.datapath.ctl", "--sock-fd", str(theirs.fileno())]
-        cmd += ["--log-level", str(level)]
-        try:
-            # stderr is inherited: the child's INFO lines about kernel changes join our log.
-            self._proc = subprocess.Popen(
-                cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env
-            )
-        except OSError as exc:
-            self._sock.close()
-            raise DatapathError("netlink", f"cannot start the netlink helper: {exc}") from exc
-        finally:
-            theirs.close()  # so a dead child reads as EOF here
+        # stderr is inherited: the child's INFO lines about kernel changes join our log.
+        self._proc, self._sock = spawn.spawn(
+            "sidecar.datapath.ctl", ["--log-level", spawn.log_level()], step="netlink"
+        )
 
     def call(self, op: str, args: dict | None = None, fds: list[int] | tuple = ()) -> Any:
         """Run ``op`` in the child; raise its DatapathError, or one saying it died."""
@@ -134,12 +110,7 @@ class NetlinkSession:
             self.qdisc.clear()
             self.qdisc.update(qdisc_from_json(answer["qdisc"]))
         if not answer.get("ok"):
-            raise DatapathError(
-                answer.get("step", op),
-                answer.get("message", "failed"),
-                answer.get("code"),
-                answer.get("hint", ""),
-            )
+            raise spawn.error_from_json(answer, op)
         return answer.get("result")
 
     # Typed wrappers: what the manager needs from tc and routing.
@@ -242,7 +213,7 @@ def serve(sock: socket.socket) -> None:
             result = _serve_one(req["op"], req.get("args", {}), fds, qdisc)
             answer = {"ok": True, "result": result}
         except DatapathError as exc:
-            answer = error_to_json(exc)
+            answer = spawn.error_to_json(exc)
         except Exception as exc:  # a bug or an unexpected netlink failure: say what
             log.exception("netlink helper: %s failed", req.get("op"))
             answer = {"ok": False, "step": req.get("op", "netlink"), "message": repr(exc)}

@@ -253,6 +253,71 @@ def run_doctor(policy: Policy) -> list[DoctorCheck]:
     ]
 
 
+def judge_node_filters(
+    wanted: list[str], attached: list[str], globs: tuple[str, ...]
+) -> DoctorCheck:
+    """``wanted``: interfaces the globs name; ``attached``: those with our ingress filter."""
+    if not globs:
+        return DoctorCheck(
+            "node_filters",
+            False,
+            "the policy has no node.interfaces",
+            "add node.interfaces (glob patterns of host-side pod interfaces, such as veth*)",
+        )
+    missing = sorted(set(wanted) - set(attached))
+    if missing:
+        return DoctorCheck(
+            "node_filters",
+            False,
+            f"no node classifier at ingress of {', '.join(missing)} "
+            f"({len(attached)} of {len(wanted)} attached)",
+            "start `traffic-color node --policy FILE` on this node and read its log",
+        )
+    return DoctorCheck(
+        "node_filters",
+        True,
+        f"node classifier at ingress of all {len(wanted)} interface(s) matching {', '.join(globs)}",
+    )
+
+
+def check_node_filters(policy: Policy) -> DoctorCheck:
+    from sidecar.datapath.node import wants
+
+    globs = policy.node.interfaces
+    wanted, attached = [], []
+    with ns.ipr_in(None) as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME") or ""
+            if not wants(name, globs):
+                continue
+            wanted.append(name)
+            if any(f.ours for f in tcm.list_filters(ipr, link["index"], "ingress")):
+                attached.append(name)
+    return judge_node_filters(wanted, attached, globs)
+
+
+def run_node_doctor(policy: Policy) -> list[DoctorCheck]:
+    """The node agent's checks: it routes in its own namespace, whatever routing.netns says."""
+    here = f"this namespace ({ns.label(None)})"
+    return [
+        _guard("bcc", check_bcc),
+        _guard("kernel_headers", check_headers),
+        _guard("capabilities", check_caps),
+        _guard("rp_filter", lambda: judge_rp_filter(read_rp_filter(None), here)),
+        _guard(
+            "fwmark_rules",
+            lambda: _fwmark_here(policy.mark_mask, here),
+        ),
+        _guard("node_filters", lambda: check_node_filters(policy)),
+    ]
+
+
+def _fwmark_here(mark_mask: int, where: str) -> DoctorCheck:
+    with ns.ipr_in(None) as ipr:
+        rules = routing.fwmark_rules(ipr)
+    return judge_fwmark_overlap(rules, mark_mask, where)
+
+
 def format_doctor(checks: list[DoctorCheck]) -> str:
     width = max((len(c.name) for c in checks), default=0)
     lines = []

@@ -122,18 +122,22 @@ class ColorTable:
         entries = {c.id: abi.color_entry(c.mark, mark_mask, c.priority, c.dscp) for c in colors}
         for cid in entries:
             abi.color_slot(0, cid)  # validates the id range
-        target = 1 - self.generation()
-        for cid in range(abi.SC_MAX_COLORS):
-            entry = entries.get(cid, abi.ColorEntry())
-            index = ctypes.c_uint32(target * abi.SC_MAX_COLORS + cid)
-            bpfsys.map_update(self.colors_fd, index, entry)
-        bpfsys.map_update(self.config_fd, ctypes.c_uint32(0), abi.Config(generation=target))
+        target = self._flip(entries, abi.SC_MAX_COLORS, abi.ColorEntry)
         log.info(
             "color table: generation %d live with %d colors, mark mask %#x",
             target,
             len(entries),
             mark_mask,
         )
+
+    def _flip(self, entries: dict[int, ctypes.Structure], width: int, empty: type) -> int:
+        """Write every slot of the inactive generation, then make it live; return it."""
+        target = 1 - self.generation()
+        for index in range(width):
+            entry = entries.get(index) or empty()
+            bpfsys.map_update(self.colors_fd, ctypes.c_uint32(target * width + index), entry)
+        bpfsys.map_update(self.config_fd, ctypes.c_uint32(0), abi.Config(generation=target))
+        return target
 
     def read(self) -> dict[int, abi.ColorEntry]:
         """The live generation's present colors, by id (for status and tests)."""
@@ -175,3 +179,99 @@ class Counters:
                 if packets:
                     out[(cid, hook)] = (packets, sum(v.bytes for v in values))
         return out
+
+
+# ------------------------------------------------------------------ the node classifier
+
+
+class NodeColorTable(ColorTable):
+    """sc_node_colors: DSCP -> color, double-buffered as the pod's color table."""
+
+    def apply(  # type: ignore[override]
+        self, colors: Iterable[Color], mark_mask: int, restore_dscp: int | None = None
+    ) -> None:
+        """Make the colors that have a DSCP the live table in one step (see ColorTable.apply).
+
+        Colors without a DSCP cannot be read on the node and get no entry.
+        """
+        entries: dict[int, ctypes.Structure] = {}
+        for c in colors:
+            if c.dscp is None:
+                continue
+            abi.node_color_slot(0, c.dscp)  # validates the range
+            if c.dscp in entries:
+                raise ValueError(f"dscp {c.dscp} is given to two colors")
+            entries[c.dscp] = abi.node_color_entry(
+                c.id, c.mark, mark_mask, c.priority, restore_dscp
+            )
+        target = self._flip(entries, abi.SC_DSCP_VALUES, abi.NodeColorEntry)
+        log.info(
+            "node color table: generation %d live with %d DSCP values, mark mask %#x",
+            target,
+            len(entries),
+            mark_mask,
+        )
+
+    def read(self) -> dict[int, abi.NodeColorEntry]:  # type: ignore[override]
+        """The live generation's present entries, by DSCP."""
+        gen = self.generation()
+        out = {}
+        for dscp in range(abi.SC_DSCP_VALUES):
+            raw = bpfsys.map_lookup(
+                self.colors_fd,
+                ctypes.c_uint32(abi.node_color_slot(gen, dscp)),
+                ctypes.sizeof(abi.NodeColorEntry),
+            )
+            if raw is not None:
+                entry = abi.NodeColorEntry.from_buffer_copy(raw)
+                if entry.flags & abi.F_PRESENT:
+                    out[dscp] = entry
+        return out
+
+
+class NodeCounters:
+    """sc_node_ifaces and sc_node_stats: which interface counts in which slot, and the counts."""
+
+    def __init__(self, ifaces_fd: int, stats_fd: int, ifindex_slots: int) -> None:
+        self.ifaces_fd = ifaces_fd
+        self.stats_fd = stats_fd
+        self.ifindex_slots = ifindex_slots
+        self._ncpu = bpfsys.num_possible_cpus()
+
+    def owner(self, ifindex: int) -> int:
+        """The ifindex whose entry holds the index ``ifindex`` hashes to (0: free)."""
+        raw = bpfsys.map_lookup(self.ifaces_fd, self._index(ifindex), ctypes.sizeof(abi.NodeIface))
+        return abi.NodeIface.from_buffer_copy(raw).ifindex if raw else 0
+
+    def assign(self, ifindex: int, slot: int) -> None:
+        """Count ``ifindex`` in ``slot`` from now on, starting from zero."""
+        zero = (abi.Counter * self._ncpu)()
+        for cid in range(1, abi.SC_MAX_COLORS):
+            index = ctypes.c_uint32(abi.node_stats_slot(slot, cid))
+            bpfsys.map_update(self.stats_fd, index, zero)
+        bpfsys.map_update(self.ifaces_fd, self._index(ifindex), abi.NodeIface(ifindex, slot))
+
+    def release(self, ifindex: int) -> None:
+        """Free the entry of ``ifindex`` (if it still holds it)."""
+        if self.owner(ifindex) == ifindex:
+            bpfsys.map_update(self.ifaces_fd, self._index(ifindex), abi.NodeIface())
+
+    def read(self, slots: Iterable[int]) -> dict[tuple[int, int], tuple[int, int]]:
+        """(slot, color id) -> (packets, bytes) summed over CPUs, for ``slots``; zeros absent."""
+        per_cpu = abi.Counter * self._ncpu
+        size = ctypes.sizeof(per_cpu)
+        out: dict[tuple[int, int], tuple[int, int]] = {}
+        for slot in slots:
+            for cid in range(1, abi.SC_MAX_COLORS):
+                index = ctypes.c_uint32(abi.node_stats_slot(slot, cid))
+                raw = bpfsys.map_lookup(self.stats_fd, index, size)
+                if raw is None:
+                    continue
+                values = per_cpu.from_buffer_copy(raw)
+                packets = sum(v.packets for v in values)
+                if packets:
+                    out[(slot, cid)] = (packets, sum(v.bytes for v in values))
+        return out
+
+    def _index(self, ifindex: int) -> ctypes.c_uint32:
+        return ctypes.c_uint32(ifindex & (self.ifindex_slots - 1))

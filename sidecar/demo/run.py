@@ -1,12 +1,17 @@
 """``make demo``: the same service address answered by stable or canary, chosen by color.
 
-The kernel demo builds the namespaces of ``topology.py``, starts a backend in
-the stable and the canary namespace, runs ``python -m sidecar run`` in the pod
-(classifier at tc ingress of the node's ``to-pod``, rules and table in the
-node), then plays the app: requests from the pod through the outbound port,
+The kernel demo plays its acts in turn (``ACTS``; each a function of a module
+of its own, named here and imported when it runs, so acts may use this
+module's helpers). The first, ``cluster.py``, is what a cluster has: two pods
+whose sidecars stay in their own namespaces and a node agent routing their
+flows by DSCP. ``--router`` plays the older arrangement instead, for routers
+outside Kubernetes: the namespaces of ``topology.py``'s ``ROUTER`` layout, a
+backend in the stable and the canary namespace, ``python -m sidecar run`` in
+the pod (classifier at tc ingress of the node's ``to-pod``, rules and table in
+the node), then the app: requests from the pod through the outbound port,
 with and without a color header, over IPv4 and IPv6, plus one that bypasses
-the sidecar. It prints who answered each, the kernel counters, the node's
-rules, and checks that SIGTERM left nothing behind.
+the sidecar. Each act prints who answered each request, the kernel counters,
+the node's rules, and checks that SIGTERM left nothing behind.
 
 Without root or BCC it says why and shows header coloring on loopback
 instead, so ``make demo`` works on any machine. Ctrl-C (or SIGTERM) at any
@@ -224,8 +229,14 @@ class SidecarProcess:
     """``python -m sidecar run`` as a child: started, awaited, stopped with SIGTERM."""
 
     def __init__(
-        self, proc: subprocess.Popen[Any], log_path: Path, place: Place, admin: tuple[str, int]
+        self,
+        proc: subprocess.Popen[Any],
+        log_path: Path,
+        place: Place,
+        admin: tuple[str, int],
+        name: str = "the sidecar",
     ) -> None:
+        self.name = name  # in messages: "the sidecar", "the node agent"
         self.proc = proc
         self.log_path = log_path
         self.place = place
@@ -246,7 +257,7 @@ class SidecarProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise DemoError(
-                    f"the sidecar exited with code {self.proc.returncode} before it was ready",
+                    f"{self.name} exited with code {self.proc.returncode} before it was ready",
                     self.log_tail(),
                 )
             status, body = self.get("/readyz")
@@ -255,7 +266,7 @@ class SidecarProcess:
             last = f"{status} {body.strip()}"
             time.sleep(0.2)
         raise DemoError(
-            f"the sidecar was not ready within {timeout:g}s (last /readyz: {last})", self.log_tail()
+            f"{self.name} was not ready within {timeout:g}s (last /readyz: {last})", self.log_tail()
         )
 
     def stop(self, grace: float = 15.0) -> int | None:
@@ -502,8 +513,44 @@ def wait_for_backends(place: Place, urls: list[str], timeout: float = 10.0) -> N
             time.sleep(0.1)
 
 
+def start_backends(topo: Topology, client: Place) -> list[str]:
+    """A backend on the service address in the stable and the canary namespace; their URLs.
+
+    Says where the service lives and returns once both answer ``client``.
+    """
+    say(f"  service {SERVICE_V4} and {SERVICE_V6} live on both stable and canary;")
+    say(f"  the node's main table sends them to stable, table {CANARY_TABLE} to canary")
+    for role, name in (("stable", STABLE_HOST), ("canary", CANARY_HOST)):
+        topo.spawn(
+            role,
+            [sys.executable, "-m", "sidecar.demo.backend", "--name", name, "--port", "80"],
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+    urls = [f"http://{SERVICE_V4}/", f"http://[{SERVICE_V6}]/"]
+    wait_for_backends(client, urls)
+    return urls
+
+
+# The namespace demo's acts, in order: "module:function", each ``function(keep) -> failures``.
+ACTS: list[str] = ["sidecar.demo.cluster:cluster_demo"]
+ROUTER_ACTS: list[str] = ["sidecar.demo.run:kernel_demo"]
+
+
+def play(acts: list[str], keep: bool) -> list[str]:
+    """Run each act (imported by name) in turn; what went wrong in all of them."""
+    import importlib
+
+    failures: list[str] = []
+    for spec in acts:
+        module, _, name = spec.partition(":")
+        act = getattr(importlib.import_module(module), name)
+        failures += act(keep)
+    return failures
+
+
 def kernel_demo(keep: bool) -> list[str]:
-    """The namespace demo. Returns what went wrong: empty when every check passed."""
+    """The router act (``--router``). Returns what went wrong: empty when every check passed."""
     failures: list[str] = []
     before_bpffs = bpffs_entries()
     with (
@@ -514,18 +561,8 @@ def kernel_demo(keep: bool) -> list[str]:
             f"topology {topo.tag}: namespaces "
             + ", ".join(f"{r}={n}" for r, n in topo.names.items())
         )
-        say(f"  service {SERVICE_V4} and {SERVICE_V6} live on both stable and canary;")
-        say(f"  the node's main table sends them to stable, table {CANARY_TABLE} to canary")
-        for role, name in (("stable", STABLE_HOST), ("canary", CANARY_HOST)):
-            topo.spawn(
-                role,
-                [sys.executable, "-m", "sidecar.demo.backend", "--name", name, "--port", "80"],
-                stdout=subprocess.DEVNULL,
-                stdin=subprocess.DEVNULL,
-            )
         pod = Place(topo.pod)
-        urls = [f"http://{SERVICE_V4}/", f"http://[{SERVICE_V6}]/"]
-        wait_for_backends(pod, urls)
+        urls = start_backends(topo, pod)
 
         policy_path = Path(tmp) / "policy.yaml"
         policy_path.write_text(kernel_policy(topo.path("node")))
@@ -742,12 +779,13 @@ def _verdict(failures: list[str]) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``traffic-color demo [--keep] [--loopback]``; exit 0 when everything behaved."""
+    """``traffic-color demo [--keep] [--loopback] [--router]``; exit 0 when everything behaved."""
     keep = bool(getattr(args, "keep", False))
     started = time.monotonic()
+    acts = ROUTER_ACTS if getattr(args, "router", False) else ACTS
     with _signals_as_interrupt():
         try:
-            code = _run(keep, bool(getattr(args, "loopback", False)))
+            code = _run(keep, bool(getattr(args, "loopback", False)), acts)
             code = max(code, chain.second_act())
         except KeyboardInterrupt:
             say("\ninterrupted: what the demo started is stopped, its namespaces are removed")
@@ -756,7 +794,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return code
 
 
-def _run(keep: bool, loopback: bool) -> int:
+def _run(keep: bool, loopback: bool, acts: list[str]) -> int:
     if loopback:
         say("traffic-color demo, loopback mode (--loopback): header coloring only.")
         return _verdict(_loopback_or_reason())
@@ -764,7 +802,7 @@ def _run(keep: bool, loopback: bool) -> int:
     if why is None:
         say("traffic-color demo: kernel data path (namespaces, tc classifier, ip rule fwmark)")
         try:
-            return _verdict(kernel_demo(keep))
+            return _verdict(play(acts, keep))
         except (DemoError, TopologyError, OSError) as exc:
             # Everything was there to run it, so this is a failure, not a fallback.
             failures = [f"kernel demo: {exc}"]
@@ -796,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sidecar.demo.run")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--loopback", action="store_true")
+    parser.add_argument("--router", action="store_true")
     return run_demo(parser.parse_args(argv))
 
 

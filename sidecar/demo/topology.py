@@ -1,6 +1,10 @@
-"""Four network namespaces wired like a pod on a node with two backends holding one address.
+"""Network namespaces wired like pods on a node with two backends holding one address.
 
-::
+Two layouts. ``CLUSTER`` (what ``make demo`` shows): two pods, ``poda`` and
+``podb``, whose host-side veths ``veth-a`` and ``veth-b`` sit in the node, where
+the node agent runs, as on a Kubernetes node; pod addresses 198.18.1.2 /
+fd00:1::2 and 198.18.4.2 / fd00:4::2. ``ROUTER`` (``demo --router``, the
+e2e tests): one pod whose sidecar reaches into the node namespace itself:
 
     pod                     node (routes)                      stable / canary
     eth0 198.18.1.2/24 ---- to-pod    198.18.1.1/24
@@ -37,6 +41,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,7 +49,9 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/var/run/netns")
 CLONE_NEWNET = 0x40000000
-ROLES = ("pod", "node", "stable", "canary")
+ROLES = ("pod", "node", "stable", "canary")  # the router layout
+CLUSTER_ROLES = ("poda", "podb", "node", "stable", "canary")
+ALL_ROLES = frozenset(ROLES + CLUSTER_ROLES)
 
 SERVICE_V4 = "198.18.100.10"
 SERVICE_V6 = "fd00:96::10"
@@ -54,6 +61,9 @@ CANARY_V4, CANARY_V6 = "198.18.3.2", "fd00:3::2"
 # The node's side of the pod's veth: where the classifier attaches (ingress).
 NODE_POD_IFACE = "to-pod"
 NODE_IFACES = (NODE_POD_IFACE, "to-stable", "to-canary")
+PODB_V4, PODB_V6 = "198.18.4.2", "fd00:4::2"
+# The cluster layout's host-side pod interfaces, as a CNI names them (veth*).
+CLUSTER_POD_IFACES = {"poda": "veth-a", "podb": "veth-b"}
 
 # (node interface, far namespace role, node v4, far v4, node v6, far v6)
 _LINKS = (
@@ -61,6 +71,25 @@ _LINKS = (
     ("to-stable", "stable", "198.18.2.1", STABLE_V4, "fd00:2::1", STABLE_V6),
     ("to-canary", "canary", "198.18.3.1", CANARY_V4, "fd00:3::1", CANARY_V6),
 )
+
+_CLUSTER_LINKS = (
+    ("veth-a", "poda", "198.18.1.1", POD_V4, "fd00:1::1", POD_V6),
+    ("veth-b", "podb", "198.18.4.1", PODB_V4, "fd00:4::1", PODB_V6),
+    *_LINKS[1:],
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which namespaces, and which veth links from the node to each (see ``_LINKS``)."""
+
+    name: str
+    roles: tuple[str, ...]
+    links: tuple[tuple[str, str, str, str, str, str], ...]
+
+
+ROUTER = Layout("router", ROLES, _LINKS)
+CLUSTER = Layout("cluster", CLUSTER_ROLES, _CLUSTER_LINKS)
 
 _NAME_RE = re.compile(r"(?P<prefix>[a-z0-9]+)-(?P<pid>\d+)-[0-9a-f]{4}-(?P<role>[a-z]+)\Z")
 _T = TypeVar("_T")
@@ -70,15 +99,15 @@ class TopologyError(RuntimeError):
     """A step of building the topology failed; the message names the command."""
 
 
-def build_commands(names: dict[str, str]) -> list[list[str]]:
+def build_commands(names: dict[str, str], layout: Layout = ROUTER) -> list[list[str]]:
     """Every ``ip``/``sysctl`` command that builds the topology, in order. Pure.
 
-    ``names`` maps each role in ``ROLES`` to its namespace name.
+    ``names`` maps each role of ``layout`` to its namespace name.
     """
     node = names["node"]
-    cmds: list[list[str]] = [["ip", "netns", "add", names[r]] for r in ROLES]
-    cmds += [["ip", "-n", names[r], "link", "set", "lo", "up"] for r in ROLES]
-    for ifname, role, node4, far4, node6, far6 in _LINKS:
+    cmds: list[list[str]] = [["ip", "netns", "add", names[r]] for r in layout.roles]
+    cmds += [["ip", "-n", names[r], "link", "set", "lo", "up"] for r in layout.roles]
+    for ifname, role, node4, far4, node6, far6 in layout.links:
         far = names[role]
         cmds += [
             [
@@ -122,7 +151,7 @@ def build_commands(names: dict[str, str]) -> list[list[str]]:
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.default.rp_filter=0",
     ]
-    sysctls += [f"net.ipv4.conf.{ifname}.rp_filter=0" for ifname in NODE_IFACES]
+    sysctls += [f"net.ipv4.conf.{link[0]}.rp_filter=0" for link in layout.links]
     cmds.append(["ip", "netns", "exec", node, "sysctl", "-q", "-w", *sysctls])
     return cmds
 
@@ -132,7 +161,7 @@ def stale_names(existing: Sequence[str], prefix: str, alive: Callable[[int], boo
     out = []
     for name in existing:
         m = _NAME_RE.match(name)
-        if m and m["prefix"] == prefix and m["role"] in ROLES and not alive(int(m["pid"])):
+        if m and m["prefix"] == prefix and m["role"] in ALL_ROLES and not alive(int(m["pid"])):
             out.append(name)
     return sorted(out)
 
@@ -229,12 +258,13 @@ class Topology:
     still in it outlives ``ip netns del``.
     """
 
-    def __init__(self, prefix: str = "tcdemo") -> None:
+    def __init__(self, prefix: str = "tcdemo", layout: Layout = ROUTER) -> None:
         if not re.fullmatch(r"[a-z0-9]+", prefix):
             raise ValueError(f"prefix {prefix!r}: lower-case letters and digits only")
         self.prefix = prefix
+        self.layout = layout
         self.tag = f"{prefix}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.names = {role: f"{self.tag}-{role}" for role in ROLES}
+        self.names = {role: f"{self.tag}-{role}" for role in layout.roles}
         self.processes: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
         self._closed = False
@@ -277,7 +307,7 @@ class Topology:
         if shutil.which("ip") is None:
             raise TopologyError("the 'ip' command (iproute2) is not installed")
         remove_stale(self.prefix)
-        for argv in build_commands(self.names):
+        for argv in build_commands(self.names, self.layout):
             if argv[1:3] == ["netns", "add"]:
                 self._created.append(argv[3])
             run(argv)

@@ -23,6 +23,7 @@ from sidecar.proxy.context import Key
 from sidecar.proxy.http1.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
+    from sidecar.policy import Policy
     from sidecar.proxy.context import ProxyContext
     from sidecar.proxy.opaque import Tunnel
 
@@ -153,9 +154,10 @@ class Pool:
             self._keys.clear()
         # A timeout scope, not ``wait_for``: no second task per connect (a burst of a
         # thousand requests opens a thousand at once).
+        dscp = color_dscp(self.ctx.colorer.policy, key[0])
         async with asyncio.timeout(timeout or self.ctx.timeouts.connect):
-            if self.ctx.hooks is not None or self.ctx.own_mark:
-                return await self._connect_colored(key, host, tunnel)
+            if self.ctx.hooks is not None or self.ctx.own_mark or dscp is not None:
+                return await self._connect_colored(key, host, tunnel, dscp)
             _, conn = await self.loop.create_connection(lambda: self._new(key, tunnel), host, port)
             return conn
 
@@ -165,12 +167,15 @@ class Pool:
         return conn
 
     async def _connect_colored(
-        self, key: Key, host: str, tunnel: Tunnel | None
+        self, key: Key, host: str, tunnel: Tunnel | None, dscp: int | None
     ) -> UpstreamConnection:
-        """Register the flow before its SYN leaves, then connect.
+        """Set the color's DSCP and register the flow before its SYN leaves, then connect.
 
-        A router routes each packet by its mark, so an unmarked handshake would
-        reach the main table's host and the marked rest of the flow another one.
+        A router routes each packet by its mark, and a node by its DSCP, so an
+        unmarked handshake would reach the main table's host and the marked rest
+        of the flow another one. The DSCP (``IP_TOS`` / ``IPV6_TCLASS``, no
+        privilege needed) crosses into the node, where the node agent reads it;
+        it is a routing hint any process in the pod could set, not access control.
         The 4-tuple is known before connect() only when we bind first, to the
         source address the kernel would pick anyway. ``opened`` then only adopts
         the registration (each flow hears ``flow_open`` exactly once) and ``lost``
@@ -197,6 +202,8 @@ class Pool:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if mark:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+                if dscp is not None:
+                    sock.setsockopt(*tos_option(family, dscp))
                 if hooks is not None:
                     sock.bind((_source_address(family, addr), 0))
                     local = sock.getsockname()
@@ -406,6 +413,19 @@ def _call_hook(method: Any, color: str, local: tuple[str, int], remote: tuple[st
         method(color, local, remote)
     except Exception:
         log.exception("%s hook failed for %s %s -> %s", method.__name__, color, local, remote)
+
+
+def color_dscp(policy: Policy, color: str) -> int | None:
+    """The DSCP a color's upstream sockets carry, or None when it has none. Pure."""
+    c = policy.colors.get(color)
+    return c.dscp if c is not None else None
+
+
+def tos_option(family: int, dscp: int) -> tuple[int, int, int]:
+    """``setsockopt`` arguments that put ``dscp`` in the DS field (ECN bits left to TCP). Pure."""
+    if family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, socket.IPV6_TCLASS, dscp << 2
+    return socket.IPPROTO_IP, socket.IP_TOS, dscp << 2
 
 
 def _source_address(family: int, addr: tuple) -> str:

@@ -1,6 +1,6 @@
 /*
  * Layout probe for tests/unit/test_abi.py (Cilium's alignchecker, without BTF):
- * compiled with the host compiler against bpf/maps.h, it prints every shared
+ * compiled with the host compiler against bpf/sc_abi.h, it prints every shared
  * struct's size, each field's offset and size, and every constant, one per line:
  *
  *   size STRUCT BYTES
@@ -16,7 +16,7 @@
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 
-#include "maps.h"
+#include "sc_abi.h"
 
 #define SIZE(s) printf("size %s %zu\n", #s, sizeof(struct s))
 #define FIELD(s, f) \
@@ -57,6 +57,19 @@ int main(void)
 	FIELD(sc_counter, packets);
 	FIELD(sc_counter, bytes);
 
+	SIZE(sc_node_color);
+	FIELD(sc_node_color, mark);
+	FIELD(sc_node_color, mask);
+	FIELD(sc_node_color, priority);
+	FIELD(sc_node_color, flags);
+	FIELD(sc_node_color, color_id);
+	FIELD(sc_node_color, restore_dscp);
+	FIELD(sc_node_color, pad);
+
+	SIZE(sc_node_iface);
+	FIELD(sc_node_iface, ifindex);
+	FIELD(sc_node_iface, slot);
+
 	/* The BPF_PROG_TEST_RUN context: only the fields abi.SkBuff names. */
 	SIZE(__sk_buff);
 	FIELD(__sk_buff, len);
@@ -83,6 +96,8 @@ int main(void)
 	CONST(F_HAS_DSCP);
 	CONST(F_FLOW_REPLY);
 	CONST(SC_STATS_SLOTS);
+	CONST(SC_DSCP_VALUES);
+	CONST(F_RESTORE_DSCP);
 	CONST(TC_ACT_UNSPEC);
 	return 0;
 }

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from sidecar.demo import run as demo
-from sidecar.demo.topology import Topology, pid_alive, stop_process
+from sidecar.demo.topology import CLUSTER_ROLES, Topology, pid_alive, stop_process
 from tests.e2e import (
     kernel_packets,
     netns_exists,
@@ -115,7 +115,7 @@ def test_demo_ctrl_c_tears_everything_down():
     try:
         out = _read_until(proc, "press Enter", 60)
         tag = next(w for w in out.split() if w.startswith("tcdemo-")).rstrip(":")
-        names = [f"{tag}-{role}" for role in ("pod", "node", "stable", "canary")]
+        names = [f"{tag}-{role}" for role in CLUSTER_ROLES]
         assert all(netns_exists(n) for n in names)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)

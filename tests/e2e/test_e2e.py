@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.demo import run as demo
+from sidecar.demo.topology import CLUSTER_ROLES
 from tests.e2e import (
     kernel_packets,
     netns_exists,
@@ -183,10 +184,38 @@ def test_bcc_is_not_loaded_in_the_long_lived_process(running):
 
 @pytest.mark.root
 def test_make_demo_runs_end_to_end_and_cleans_up():
-    """``python -m sidecar demo`` as a user runs it: under a minute, exit 0, nothing left."""
+    """``python -m sidecar demo`` as a user runs it: pods, a node agent, exit 0, nothing left."""
     require_kernel()
     proc = subprocess.run(
         [sys.executable, "-m", "sidecar", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "demo OK" in out
+    assert "cleanup: no filters, rules or routes left" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("poda ", "podb "))]
+    answered = {(r[0], r[1], r[2], r[3], r[5]) for r in rows}
+    for family in ("IPv4", "IPv6"):
+        assert ("podb", "sidecar", family, "(none)", CANARY) in answered, "the canary pod"
+        assert ("poda", "sidecar", family, "(none)", STABLE) in answered
+        assert ("poda", "sidecar", family, "canary", CANARY) in answered, "the request's color"
+        assert ("podb", "bypass", family, "canary", STABLE) in answered, "no sidecar, no DSCP"
+    assert 'traffic_color_node_packets_total{color="canary",interface="veth-b"}' in out
+    assert "podb: pid" in out and "CapEff 0000000000000000" in out
+    tag = next(w for w in out.split() if w.startswith("tcdemo-")).rstrip(":")
+    assert not any(netns_exists(f"{tag}-{role}") for role in CLUSTER_ROLES)
+
+
+@pytest.mark.root
+def test_demo_router_keeps_the_sidecar_reaching_into_a_router_namespace():
+    """``demo --router``: the arrangement for routers outside Kubernetes stays available."""
+    require_kernel()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--router"],
         capture_output=True,
         text=True,
         timeout=90,

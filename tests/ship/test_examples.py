@@ -36,11 +36,13 @@ POLICY_KEYS = {
         "timeouts",
         "datapath",
         "baggage",
+        "node",
     ],
     "outbound": ["listen", "routes", "cluster_domain"],
     "outbound.routes[]": ["host", "lanes", "fallback"],
     "baggage": ["key"],
     "colors.NAME": ["mark", "priority", "dscp"],
+    "node": ["interfaces", "restore_dscp", "admin_listen"],
     "inbound": ["listen", "app", "trust_header", "trusted_sources", "rules"],
     "inbound.rules[]": [
         "match",
@@ -82,6 +84,7 @@ def test_example_policy_parses() -> None:
     assert len(policy.inbound.rules) == 3
     assert [r.host for r in policy.routes] == ["reviews"]
     assert policy.baggage_key == "traffic-color"
+    assert policy.node.interfaces == ("veth*", "cali*", "lxc*")
 
 
 @pytest.mark.parametrize("section", POLICY_KEYS)

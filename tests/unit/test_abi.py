@@ -1,4 +1,4 @@
-"""bpf/maps.h and sidecar/datapath/abi.py agree (Cilium's alignchecker, host compiler, no root).
+"""bpf/sc_abi.h and sidecar/datapath/abi.py agree (Cilium's alignchecker, host compiler, no root).
 
 tests/abi/probe.c prints what C sees: sizes, field offsets and sizes, constants.
 Every struct and field abi.py names must match, and every field the probe
@@ -76,7 +76,9 @@ def test_color_ids_fit_the_table():
 
 def test_source_ships_with_the_package():
     src = source_dir()
-    assert {"classifier.c", "maps.h", "parse.h"} <= {p.name for p in src.iterdir()}
+    shipped = {p.name for p in src.iterdir()}
+    assert {"classifier.c", "node.c", "sc_abi.h", "maps.h", "node_maps.h", "parse.h"} <= shipped
+    assert "dscp.h" in shipped
 
 
 # ------------------------------------------------------------ pure helpers
