@@ -67,6 +67,14 @@ REWRITES = (
 )
 FLOWS = ("traffic_color_upstream_flows", "Upstream TCP connections open, by color.")
 RELOADS = ("traffic_color_policy_reloads_total", "Policy reloads, by result.")
+GRPC = (
+    "traffic_color_grpc_requests_total",
+    "gRPC calls proxied, by direction, color and the grpc-status the client got.",
+)
+CONNECTIONS = (
+    "traffic_color_connections_total",
+    "Client connections accepted, by direction and protocol.",
+)
 
 
 class DirectionCounts:
@@ -114,6 +122,8 @@ class ProxyMetrics(Collector):
         self.directions = {"outbound": DirectionCounts(), "inbound": DirectionCounts()}
         self._flows: dict[str, int] = {}
         self._reloads: dict[str, int] = {}
+        self._grpc: dict[tuple[str, str, str], int] = {}
+        self._connections: dict[tuple[str, str], int] = {}
         self.registry.register(self)
 
     def direction(self, name: str) -> DirectionCounts:
@@ -126,6 +136,14 @@ class ProxyMetrics(Collector):
     def flow_closed(self, color: str) -> None:
         self._flows[color] = self._flows.get(color, 0) - 1
 
+    def grpc_request(self, direction: str, color: str, grpc_status: str) -> None:
+        key = (direction, color, grpc_status)
+        self._grpc[key] = self._grpc.get(key, 0) + 1
+
+    def connection_opened(self, direction: str, protocol: str) -> None:
+        key = (direction, protocol)
+        self._connections[key] = self._connections.get(key, 0) + 1
+
     def reload(self, ok: bool) -> None:
         result = "success" if ok else "failure"
         self._reloads[result] = self._reloads.get(result, 0) + 1
@@ -134,7 +152,8 @@ class ProxyMetrics(Collector):
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: lets the registry refuse a duplicate name."""
-        return self._families({}, {}, {}, {}, {})
+        yield from self._families({}, {}, {}, {}, {})
+        yield from self._families2({}, {})
 
     def collect(self) -> Iterator[Metric]:
         # Copies first: the loop thread may add a label set while this runs.
@@ -149,7 +168,21 @@ class ProxyMetrics(Collector):
                 hist[(direction, color)] = cells[:]
             for reason, n in counts.rewrites.copy().items():
                 rew[(direction, reason)] = n
-        return self._families(req, hist, rew, self._flows.copy(), self._reloads.copy())
+        yield from self._families(req, hist, rew, self._flows.copy(), self._reloads.copy())
+        yield from self._families2(self._grpc.copy(), self._connections.copy())
+
+    @staticmethod
+    def _families2(
+        grpc: dict[tuple[str, str, str], int], connections: dict[tuple[str, str], int]
+    ) -> Iterator[Metric]:
+        family = CounterMetricFamily(*GRPC, labels=("direction", "color", "grpc_status"))
+        for labels, n in grpc.items():
+            family.add_metric(labels, float(n))
+        yield family
+        conns = CounterMetricFamily(*CONNECTIONS, labels=("direction", "protocol"))
+        for labels, n in connections.items():
+            conns.add_metric(labels, float(n))
+        yield conns
 
     @staticmethod
     def _families(

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.admin.metrics import ProxyMetrics
 from sidecar.coloring import Colorer
@@ -55,6 +55,7 @@ class Proxy:
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._h2: Any = None  # H2Side, made on the first HTTP/2 connection (see ``_Sniff``)
 
     async def start(self, outbound: Address, inbound: Address) -> None:
         """Listen on both sides (port 0 picks a free port; see ``addresses``)."""
@@ -62,7 +63,7 @@ class Proxy:
         shared = self._shared = Shared(self.ctx, loop)
         for direction, where in (("outbound", outbound), ("inbound", inbound)):
             server = await loop.create_server(
-                lambda d=direction: Downstream(shared, d),  # type: ignore[misc]
+                lambda d=direction: _Sniff(self, shared, d),  # type: ignore[misc]
                 where.host,
                 where.port,
                 reuse_address=True,
@@ -92,7 +93,10 @@ class Proxy:
 
     def open_flows(self) -> dict[str, int]:
         """color -> upstream connections open now (pooled, busy and tunnels)."""
-        return self._shared.pool.counts() if self._shared is not None else {}
+        flows = self._shared.pool.counts() if self._shared is not None else {}
+        for color, n in (self._h2.open_flows() if self._h2 is not None else {}).items():
+            flows[color] = flows.get(color, 0) + n
+        return flows
 
     def parked_flows(self) -> int:
         """Idle upstream flows held without a transport (see ``Pool``): open all the same."""
@@ -112,6 +116,8 @@ class Proxy:
         shared.draining = True
         for server in self._servers.values():
             server.close()
+        h2 = self._h2.drain(timeout) if self._h2 is not None else asyncio.sleep(0)
+        h2_drained = asyncio.ensure_future(h2)
         shared.pool.close_idle()
         for conn in list(shared.conns):
             if not conn.queue and conn.tunnel is None:
@@ -139,9 +145,21 @@ class Proxy:
             if not shared.pool.open and not shared.conns:
                 break
             await asyncio.sleep(0.01)
+        await h2_drained
         for server in self._servers.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    def h2(self) -> Any:
+        """The HTTP/2 side, made (and the nghttp2 binding loaded) on first use; None if absent."""
+        if self._h2 is None:
+            try:
+                from sidecar.proxy.http2 import H2Side
+            except ImportError:
+                log.warning("HTTP/2 binding not importable: HTTP/2 connections are refused")
+                return None
+            self._h2 = H2Side(self.ctx, asyncio.get_running_loop())
+        return self._h2
 
     async def _sweep(self) -> None:
         shared = self._shared
@@ -158,3 +176,43 @@ class Proxy:
                 shared.access_log = access_log.isEnabledFor(logging.DEBUG)
             except Exception:
                 log.exception("proxy sweeper failed; continuing")
+
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class _Sniff(asyncio.Protocol):
+    """Until the front door lands (issue 12): a connection opening with the HTTP/2 preface
+    goes to the HTTP/2 side, any other to HTTP/1's ``Downstream`` (made at once, so its
+    header-read timeout covers a client that sends nothing)."""
+
+    __slots__ = ("d", "direction", "head", "proxy", "shared", "transport")
+
+    def __init__(self, proxy: Proxy, shared: Shared, direction: str) -> None:
+        self.proxy, self.shared, self.direction = proxy, shared, direction
+        self.d = Downstream(shared, direction)
+        self.head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.d.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        data = self.head + data
+        if len(data) < len(_PREFACE) and _PREFACE.startswith(data):
+            self.head = data
+            return
+        p: asyncio.Protocol = self.d
+        h2 = self.proxy.h2() if data.startswith(_PREFACE) else None
+        if h2 is not None:
+            self.shared.conns.discard(self.d)
+            p = h2.protocol(self.direction, None)
+            p.connection_made(self.transport)
+        self.transport.set_protocol(p)  # type: ignore[attr-defined]
+        p.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.d.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.d.connection_lost(exc)

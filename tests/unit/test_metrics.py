@@ -50,7 +50,21 @@ def test_families_keep_their_names_and_types() -> None:
         "traffic_color_header_rewrites": "counter",
         "traffic_color_upstream_flows": "gauge",
         "traffic_color_policy_reloads": "counter",
+        "traffic_color_grpc_requests": "counter",
+        "traffic_color_connections": "counter",
     }
+
+
+def test_grpc_and_connection_series_count_by_their_labels() -> None:
+    m = ProxyMetrics()
+    m.grpc_request("inbound", "canary", "14")
+    m.grpc_request("inbound", "canary", "14")
+    m.connection_opened("outbound", "http2")
+    _, s = scrape(m.registry)
+    grpc = labels(direction="inbound", color="canary", grpc_status="14")
+    assert s[("traffic_color_grpc_requests_total", grpc)] == 2
+    conns = labels(direction="outbound", protocol="http2")
+    assert s[("traffic_color_connections_total", conns)] == 1
 
 
 def test_request_series_appear_with_use_and_rewrite_reasons_read_zero_from_the_start() -> None:
