@@ -281,7 +281,7 @@ class RawH2:
     async def _read(self) -> bool:
         try:
             chunk = await self.reader.read(262144)
-        except ConnectionResetError:
+        except ConnectionError:
             chunk = b""
         if not chunk:
             return False

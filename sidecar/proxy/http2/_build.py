@@ -90,6 +90,7 @@ extern "Python" int tc_py_event(void *, int, int32_t, uint32_t);
 SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <nghttp2/nghttp2.h>
 
 typedef struct tc_session tc_session;
@@ -127,7 +128,30 @@ struct tc_session {
     int hdr_over;        /* it passed max_header_list: no longer collected */
     uint32_t max_header_list;
     tc_buf out;          /* what the last tc_send gathered */
+    /* Rapid reset (CVE-2023-44487): RST_STREAMs received, as a token bucket. nghttp2's own
+       limit answers INTERNAL_ERROR; this one, tighter, answers ENHANCE_YOUR_CALM. */
+    double reset_tokens, reset_burst, reset_rate, reset_at;
 };
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void count_reset(tc_session *ts) {
+    if (ts->reset_burst <= 0) return;
+    double now = now_s();
+    ts->reset_tokens += (now - ts->reset_at) * ts->reset_rate;
+    if (ts->reset_tokens > ts->reset_burst) ts->reset_tokens = ts->reset_burst;
+    ts->reset_at = now;
+    if (ts->reset_tokens < 1) {
+        nghttp2_session_terminate_session(ts->s, NGHTTP2_ENHANCE_YOUR_CALM);
+        ts->reset_burst = 0;  /* said once */
+        return;
+    }
+    ts->reset_tokens -= 1;
+}
 
 struct tc_stream {
     uint8_t *p; size_t off, len, cap;  /* DATA queued to send: p[off..len) */
@@ -203,6 +227,9 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *u) {
         if ((f->hd.flags & NGHTTP2_FLAG_END_STREAM) &&
             tc_py_event(ts->handle, TC_EV_END, f->hd.stream_id, 0))
             return NGHTTP2_ERR_CALLBACK_FAILURE;
+        break;
+    case NGHTTP2_RST_STREAM:
+        count_reset(ts);
         break;
     case NGHTTP2_GOAWAY:
         if (tc_py_event(ts->handle, TC_EV_GOAWAY, f->goaway.last_stream_id, f->goaway.error_code))
@@ -285,7 +312,12 @@ tc_session *tc_session_new(int server, void *handle, const tc_limits *lim) {
     nghttp2_option_set_max_settings(opt, lim->max_settings);
     nghttp2_option_set_max_outbound_ack(opt, lim->max_outbound_ack);
     nghttp2_option_set_max_deflate_dynamic_table_size(opt, 4096);
-    if (server) nghttp2_option_set_stream_reset_rate_limit(opt, lim->reset_burst, lim->reset_rate);
+    if (server) {
+        nghttp2_option_set_stream_reset_rate_limit(opt, lim->reset_burst * 4, lim->reset_rate * 4);
+        ts->reset_tokens = ts->reset_burst = (double)lim->reset_burst;
+        ts->reset_rate = (double)lim->reset_rate;
+        ts->reset_at = now_s();
+    }
     int rv = server ? nghttp2_session_server_new2(&ts->s, cb, ts, opt)
                     : nghttp2_session_client_new2(&ts->s, cb, ts, opt);
     nghttp2_session_callbacks_del(cb);

@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ERR_FLOODED = -904
+# nghttp2's fatal errors that mean "too much of something": NGHTTP2_ERR_FLOODED (acks owed
+# to a peer that does not read) and NGHTTP2_ERR_TOO_MANY_CONTINUATIONS (CVE-2024-27316).
+_CALM_DOWN = frozenset({-904, -905})
 MAX_STREAMS_PER_UPSTREAM = 256  # streams put on one upstream before its SETTINGS says less
 
 
@@ -76,7 +78,7 @@ class Conn(asyncio.Protocol):
     def _fatal(self, exc: H2Error) -> None:
         """nghttp2 gave up on the connection: say why in a GOAWAY if it can, then close."""
         log.info("HTTP/2 connection error: %s", exc)
-        code = ENHANCE_YOUR_CALM if exc.code == _ERR_FLOODED else PROTOCOL_ERROR
+        code = ENHANCE_YOUR_CALM if exc.code in _CALM_DOWN else PROTOCOL_ERROR
         try:
             self.session.terminate(code)
             out = self.session.send()
