@@ -312,3 +312,63 @@ def goaway_code(frames: list) -> int | None:
         if kind == GOAWAY:
             return int.from_bytes(payload[4:8], "big")
     return None
+
+
+class RawUpstream:
+    """A hand-driven HTTP/2 server for what no stock server does on demand: a GOAWAY that
+    leaves streams unprocessed, a small SETTINGS_MAX_CONCURRENT_STREAMS, slow answers.
+
+    Connection ``i`` (from 0) is answered by ``goaway_on(i)``: True sends GOAWAY naming
+    no stream as processed on its first request; otherwise each request gets ``:status
+    200`` after ``delay`` seconds.
+    """
+
+    def __init__(self, max_streams: int | None = None, delay: float = 0.0, goaways: int = 0):
+        self.max_streams, self.delay, self.goaways = max_streams, delay, goaways
+        self.connections = 0
+        self.requests: list[tuple[int, int]] = []  # (connection, stream id) answered
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> RawUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = self.connections
+        self.connections += 1
+        settings = b"" if self.max_streams is None else struct.pack(">HI", 3, self.max_streams)
+        writer.write(frame(SETTINGS, 0, 0, settings))
+        buf = b""
+        try:
+            await reader.readexactly(len(PREFACE))
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                frames, buf = split_frames(buf + chunk)
+                for kind, flags, sid, _ in frames:
+                    if kind == SETTINGS and not flags & ACK:
+                        writer.write(frame(SETTINGS, ACK, 0))
+                    elif kind == HEADERS and index < self.goaways:
+                        writer.write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, 0)))
+                        await writer.drain()
+                        writer.close()
+                        return
+                    elif kind == HEADERS:
+                        asyncio.get_running_loop().call_later(
+                            self.delay, self._answer, writer, index, sid
+                        )
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+    def _answer(self, writer: asyncio.StreamWriter, index: int, sid: int) -> None:
+        if writer.is_closing():
+            return
+        self.requests.append((index, sid))
+        writer.write(frame(HEADERS, END_STREAM | END_HEADERS, sid, b"\x88"))  # :status 200

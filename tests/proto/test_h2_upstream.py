@@ -1,0 +1,100 @@
+"""The upstream leg of HTTP/2: a GOAWAY that left streams unprocessed is retried once on a
+new connection, a full connection gets a sibling of the same color, and a drain finishes
+the streams in flight after telling clients GOAWAY."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar.policy import Address
+from tests.proto.conftest import MakeProxy, port, sample
+from tests.proto.h2help import (
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    RawH2,
+    RawUpstream,
+    frame,
+    goaway_code,
+    hpack,
+    request_fields,
+)
+
+
+def answered(sid: int):
+    return lambda frames: any(k == HEADERS and s == sid for k, _, s, _ in frames)
+
+
+async def get(proxy, sids: list[int]) -> RawH2:
+    conn = await RawH2.open(port(proxy, "inbound"))
+    block = hpack(request_fields("app", "/"))
+    await conn.send(b"".join(frame(HEADERS, END_STREAM | END_HEADERS, s, block) for s in sids))
+    return conn
+
+
+async def test_upstream_goaway_retries_unprocessed_streams_once(make_proxy: MakeProxy) -> None:
+    up = await RawUpstream(goaways=1).start()
+    proxy = await make_proxy(app=Address("127.0.0.1", up.port))
+    conn = await get(proxy, [1])
+    frames = await conn.frames_until(answered(1))
+    assert answered(1)(frames)
+    assert up.connections == 2 and up.requests == [(1, 1)]  # answered on the second
+    assert (
+        sample(
+            proxy, "traffic_color_requests_total", direction="inbound", color="stable", code="200"
+        )
+        == 1
+    )
+    conn.close()
+    await up.close()
+
+
+async def test_a_second_goaway_is_not_retried_again(make_proxy: MakeProxy) -> None:
+    up = await RawUpstream(goaways=5).start()
+    proxy = await make_proxy(app=Address("127.0.0.1", up.port))
+    conn = await get(proxy, [1])
+    await conn.frames_until(answered(1))
+    assert up.connections == 2 and up.requests == []
+    assert (
+        sample(
+            proxy, "traffic_color_requests_total", direction="inbound", color="stable", code="502"
+        )
+        == 1
+    )
+    conn.close()
+    await up.close()
+
+
+async def test_max_concurrent_streams_reached_opens_a_sibling(make_proxy: MakeProxy) -> None:
+    up = await RawUpstream(max_streams=2, delay=0.3).start()
+    proxy = await make_proxy(app=Address("127.0.0.1", up.port))
+    first = await get(proxy, [1])
+    await first.frames_until(
+        lambda f: up.connections == 1 and False, timeout=0.2
+    ) if False else None
+    await asyncio.sleep(0.1)  # the first connection's SETTINGS (2 streams) is known now
+    conn = await get(proxy, [1, 3, 5])
+    await conn.frames_until(lambda f: all(answered(s)(f) for s in (1, 3, 5)))
+    await first.frames_until(answered(1))
+    assert up.connections == 2  # 4 streams, 2 per connection
+    assert sorted(s for _, s in up.requests) == [1, 1, 3, 3]
+    conn.close()
+    first.close()
+    await up.close()
+
+
+async def test_drain_sends_goaway_and_finishes_streams_in_flight(make_proxy: MakeProxy) -> None:
+    up = await RawUpstream(delay=0.3).start()
+    proxy = await make_proxy(app=Address("127.0.0.1", up.port))
+    conn = await get(proxy, [1])
+    await asyncio.sleep(0.1)  # in flight upstream
+    drained = asyncio.ensure_future(proxy.drain(5.0))
+    frames = await conn.read_until_closed(timeout=5)
+    await drained
+    assert goaway_code(frames) == 0  # NO_ERROR, naming stream 1 as processed
+    goaway = next(p for k, _, _, p in frames if k == GOAWAY)
+    assert int.from_bytes(goaway[:4], "big") == 1
+    assert answered(1)(frames)  # and stream 1 got its answer before the close
+    assert up.requests == [(0, 1)]
+    await up.close()
