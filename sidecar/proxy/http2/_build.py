@@ -12,8 +12,9 @@ of the per-header and per-byte work:
   by ``tc_write``), and the trailers to send once it is empty;
 - everything a session has to send is gathered into one buffer per flush.
 
-Python hears only: a header block, a DATA chunk, and events (stream ended,
-stream closed, GOAWAY, a frame not sent, a send queue drained below its mark).
+Python hears only: a header block, a DATA frame (with whether it ends the stream),
+and events (stream closed, GOAWAY, a frame not sent, a send queue drained below its
+mark).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ CDEF = """
 typedef struct tc_session tc_session;
 typedef struct tc_stream tc_stream;
 
-#define TC_EV_END ...
 #define TC_EV_CLOSE ...
 #define TC_EV_GOAWAY ...
 #define TC_EV_NOT_SENT ...
@@ -59,6 +59,7 @@ long tc_send(tc_session *ts, size_t max);
 const uint8_t *tc_out(tc_session *ts);
 int tc_want_read(tc_session *ts);
 int tc_want_write(tc_session *ts);
+int tc_finished(tc_session *ts);
 
 tc_stream *tc_stream_new(void);
 void tc_stream_free(tc_stream *st);
@@ -83,7 +84,7 @@ int tc_ping(tc_session *ts);
 const char *nghttp2_strerror(int lib_error_code);
 
 extern "Python" int tc_py_headers(void *, int32_t, int, const char *, size_t, int, int);
-extern "Python" int tc_py_data(void *, int32_t, const uint8_t *, size_t);
+extern "Python" int tc_py_data(void *, int32_t, const uint8_t *, size_t, int);
 extern "Python" int tc_py_event(void *, int, int32_t, uint32_t);
 """
 
@@ -96,14 +97,13 @@ SOURCE = r"""
 typedef struct tc_session tc_session;
 typedef struct tc_stream tc_stream;
 
-#define TC_EV_END 1       /* END_STREAM on a DATA frame */
 #define TC_EV_CLOSE 2     /* stream closed; code = error code */
 #define TC_EV_GOAWAY 3    /* stream id = last stream id; code = error code */
 #define TC_EV_NOT_SENT 4  /* a HEADERS we submitted could not be sent */
 #define TC_EV_DRAINED 5   /* a stream's send queue fell to its mark */
 
 static int tc_py_headers(void *, int32_t, int, const char *, size_t, int, int);
-static int tc_py_data(void *, int32_t, const uint8_t *, size_t);
+static int tc_py_data(void *, int32_t, const uint8_t *, size_t, int);
 static int tc_py_event(void *, int, int32_t, uint32_t);
 
 typedef struct {
@@ -128,6 +128,7 @@ struct tc_session {
     int hdr_over;        /* it passed max_header_list: no longer collected */
     uint32_t max_header_list;
     tc_buf out;          /* what the last tc_send gathered */
+    tc_buf data;         /* the DATA frame being received: handed over whole, with its flags */
     /* Rapid reset (CVE-2023-44487): RST_STREAMs received, as a token bucket. nghttp2's own
        limit answers INTERNAL_ERROR; this one, tighter, answers ENHANCE_YOUR_CALM. */
     double reset_tokens, reset_burst, reset_rate, reset_at;
@@ -224,9 +225,10 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *u) {
         ts->hdr.len = 0;
         break;
     case NGHTTP2_DATA:
-        if ((f->hd.flags & NGHTTP2_FLAG_END_STREAM) &&
-            tc_py_event(ts->handle, TC_EV_END, f->hd.stream_id, 0))
+        if (tc_py_data(ts->handle, f->hd.stream_id, ts->data.p, ts->data.len,
+                       (f->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0))
             return NGHTTP2_ERR_CALLBACK_FAILURE;
+        ts->data.len = 0;
         break;
     case NGHTTP2_RST_STREAM:
         count_reset(ts);
@@ -239,10 +241,22 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *u) {
     return 0;
 }
 
+static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *u) {
+    tc_session *ts = u;
+    if (hd->type == NGHTTP2_DATA) ts->data.len = 0;
+    return 0;
+}
+
+/* Chunks of one DATA frame come in a row (frames do not interleave): gathered here, given
+   to Python once per frame by on_frame_recv. At most one frame (16 KiB: our
+   SETTINGS_MAX_FRAME_SIZE is the default) is held. */
 static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data,
                          size_t len, void *u) {
     tc_session *ts = u;
-    return tc_py_data(ts->handle, sid, data, len) ? NGHTTP2_ERR_CALLBACK_FAILURE : 0;
+    if (buf_reserve(&ts->data, len)) return NGHTTP2_ERR_CALLBACK_FAILURE;
+    memcpy(ts->data.p + ts->data.len, data, len);
+    ts->data.len += len;
+    return 0;
 }
 
 static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void *u) {
@@ -303,6 +317,7 @@ tc_session *tc_session_new(int server, void *handle, const tc_limits *lim) {
     nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
+    nghttp2_session_callbacks_set_on_begin_frame_callback(cb, on_begin_frame);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
     nghttp2_session_callbacks_set_on_frame_not_send_callback(cb, on_not_send);
@@ -342,7 +357,7 @@ tc_session *tc_session_new(int server, void *handle, const tc_limits *lim) {
 void tc_session_del(tc_session *ts) {
     if (!ts) return;
     nghttp2_session_del(ts->s);
-    free(ts->hdr.p); free(ts->out.p); free(ts);
+    free(ts->hdr.p); free(ts->out.p); free(ts->data.p); free(ts);
 }
 
 long tc_recv(tc_session *ts, const uint8_t *data, size_t len) {
@@ -367,6 +382,9 @@ long tc_send(tc_session *ts, size_t max) {
 const uint8_t *tc_out(tc_session *ts) { return ts->out.p; }
 int tc_want_read(tc_session *ts) { return nghttp2_session_want_read(ts->s); }
 int tc_want_write(tc_session *ts) { return nghttp2_session_want_write(ts->s); }
+int tc_finished(tc_session *ts) {
+    return !nghttp2_session_want_read(ts->s) && !nghttp2_session_want_write(ts->s);
+}
 
 tc_stream *tc_stream_new(void) { return calloc(1, sizeof(tc_stream)); }
 

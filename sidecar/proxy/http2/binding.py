@@ -16,7 +16,6 @@ from sidecar.proxy.http2._nghttp2 import ffi, lib
 
 log = logging.getLogger(__name__)
 
-EV_END = lib.TC_EV_END
 EV_CLOSE = lib.TC_EV_CLOSE
 EV_GOAWAY = lib.TC_EV_GOAWAY
 EV_NOT_SENT = lib.TC_EV_NOT_SENT
@@ -48,7 +47,7 @@ class Peer(Protocol):
 
     def on_headers(self, sid: int, cat: int, block: bytes, end: bool, over: bool) -> None: ...
 
-    def on_data(self, sid: int, data: bytes) -> None: ...
+    def on_data(self, sid: int, data: bytes, end: bool) -> None: ...
 
     def on_event(self, kind: int, sid: int, code: int) -> None: ...
 
@@ -91,11 +90,12 @@ def count(block: bytes) -> int:
 class Session:
     """One HTTP/2 connection's protocol state, in C."""
 
-    __slots__ = ("_handle", "_ts", "peer")
+    __slots__ = ("_handle", "_ts")
 
     def __init__(self, server: bool, peer: Peer) -> None:
-        self.peer = peer
-        self._handle = ffi.new_handle(self)
+        # The callbacks get ``peer`` itself back from the handle. The peer holds this
+        # session, the session the handle: one cycle, collected with the connection.
+        self._handle = ffi.new_handle(peer)
         ts = lib.tc_session_new(1 if server else 0, self._handle, _LIMITS)
         if ts == ffi.NULL:
             raise MemoryError("nghttp2 session")
@@ -119,11 +119,9 @@ class Session:
             if n < SEND_CHUNK:
                 return out
 
-    def want_read(self) -> bool:
-        return bool(lib.tc_want_read(self._ts))
-
-    def want_write(self) -> bool:
-        return bool(lib.tc_want_write(self._ts))
+    def finished(self) -> bool:
+        """nghttp2 wants neither to read nor to write: the connection is done."""
+        return bool(lib.tc_finished(self._ts))
 
     def request(self, block: bytes, stream: Any) -> int:
         """Submit a request head (``stream`` None: no body follows); the stream id or < 0."""
@@ -191,19 +189,19 @@ def _failed(exc_type: Any, exc: BaseException, tb: Any) -> None:
 
 @ffi.def_extern(onerror=lambda *a: _failed(*a) or 1)
 def tc_py_headers(handle: Any, sid: int, cat: int, buf: Any, n: int, end: int, over: int) -> int:
-    ffi.from_handle(handle).peer.on_headers(
+    ffi.from_handle(handle).on_headers(
         sid, cat, ffi.buffer(buf, n)[:] if n else b"", bool(end), bool(over)
     )
     return 0
 
 
 @ffi.def_extern(onerror=lambda *a: _failed(*a) or 1)
-def tc_py_data(handle: Any, sid: int, data: Any, n: int) -> int:
-    ffi.from_handle(handle).peer.on_data(sid, ffi.buffer(data, n)[:])
+def tc_py_data(handle: Any, sid: int, data: Any, n: int, end: int) -> int:
+    ffi.from_handle(handle).on_data(sid, ffi.buffer(data, n)[:] if n else b"", end)
     return 0
 
 
 @ffi.def_extern(onerror=lambda *a: _failed(*a) or 1)
 def tc_py_event(handle: Any, kind: int, sid: int, code: int) -> int:
-    ffi.from_handle(handle).peer.on_event(kind, sid, code)
+    ffi.from_handle(handle).on_event(kind, sid, code)
     return 0

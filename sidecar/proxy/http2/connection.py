@@ -25,7 +25,6 @@ from sidecar.proxy.http2.binding import (
     ENHANCE_YOUR_CALM,
     EV_CLOSE,
     EV_DRAINED,
-    EV_END,
     EV_GOAWAY,
     EV_NOT_SENT,
     HCAT_HEADERS,
@@ -102,7 +101,7 @@ class Conn(asyncio.Protocol):
             return
         if out:
             transport.write(out)
-        if not self.session.want_read() and not self.session.want_write():
+        if self.session.finished():
             self.closed = True
             transport.close()
 
@@ -160,19 +159,19 @@ class Downstream(Conn):
             if relay is not None:
                 relay.request_end(None if over else block)
 
-    def on_data(self, sid: int, data: bytes) -> None:
+    def on_data(self, sid: int, data: bytes, end: bool) -> None:
         relay = self.relays.get(sid)
         if relay is None:
-            self.session.consume(sid, len(data))
-        else:
+            if data:
+                self.session.consume(sid, len(data))
+            return
+        if data:
             relay.request_data(data)
+        if end:
+            relay.request_end(None)
 
     def on_event(self, kind: int, sid: int, code: int) -> None:
-        if kind == EV_END:
-            relay = self.relays.get(sid)
-            if relay is not None:
-                relay.request_end(None)
-        elif kind == EV_CLOSE:
+        if kind == EV_CLOSE:
             relay = self.relays.pop(sid, None)
             if relay is not None:
                 relay.down_closed(code)
@@ -297,19 +296,19 @@ class Upstream(Conn):
         elif cat == HCAT_HEADERS:
             relay.response_end(block)
 
-    def on_data(self, sid: int, data: bytes) -> None:
+    def on_data(self, sid: int, data: bytes, end: bool) -> None:
         relay = self.streams.get(sid)
         if relay is None:
-            self.session.consume(sid, len(data))
-        else:
+            if data:
+                self.session.consume(sid, len(data))
+            return
+        if data:
             relay.response_data(data)
+        if end:
+            relay.response_end(None)
 
     def on_event(self, kind: int, sid: int, code: int) -> None:
-        if kind == EV_END:
-            relay = self.streams.get(sid)
-            if relay is not None:
-                relay.response_end(None)
-        elif kind in (EV_CLOSE, EV_NOT_SENT):
+        if kind in (EV_CLOSE, EV_NOT_SENT):
             relay = self.streams.pop(sid, None)
             if relay is not None:
                 relay.up_closed(code if kind == EV_CLOSE else REFUSED_STREAM)

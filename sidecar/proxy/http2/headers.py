@@ -115,6 +115,16 @@ def status(f: Fields) -> int:
         return 0
 
 
+def status_of(block: bytes) -> int:
+    """``:status`` of a response block; nghttp2 has checked it is there, first, 3 digits."""
+    if block[:8] == b":status\0":
+        try:
+            return int(block[8:11])
+        except ValueError:
+            pass
+    return status(fields(block))
+
+
 def grpc_status(f: Fields, http_status: int) -> str:
     """The status a gRPC client reads from a response's trailers (or trailers-only head)."""
     value = get(f, b"grpc-status")

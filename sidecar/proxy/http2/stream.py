@@ -158,8 +158,7 @@ class Relay:
     def response_head(self, block: bytes, end: bool) -> None:
         if self.done:
             return
-        f = h.fields(block)
-        status = h.status(f)
+        status = h.status_of(block)
         down = self.down
         if status < 200:  # 1xx: passed on, the final head follows
             down.session.headers(self.sid, block, False)
@@ -170,7 +169,7 @@ class Relay:
         if end:
             self.resp_end = True
             if self.grpc:
-                self.grpc_status = h.grpc_status(f, status)
+                self.grpc_status = h.grpc_status(h.fields(block), status)
             down.session.response(self.sid, block, None)
         else:
             self.down_q = new_stream()
