@@ -159,6 +159,8 @@ class Proxy:
                 log.warning("HTTP/2 binding not importable: HTTP/2 connections are refused")
                 return None
             self._h2 = H2Side(self.ctx, asyncio.get_running_loop())
+            if self._shared is not None:
+                self._h2.loops_back = self._shared.loops_back
         return self._h2
 
     async def _sweep(self) -> None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.policy import Address
+import grpc
+import pytest
+
+from sidecar.policy import Address, Timeouts
 from tests.proto.conftest import MakeProxy, port, sample
 from tests.proto.h2help import (
     END_HEADERS,
@@ -15,9 +18,12 @@ from tests.proto.h2help import (
     HEADERS,
     RawH2,
     RawUpstream,
+    call,
+    channel,
     frame,
     goaway_code,
     hpack,
+    in_thread,
     request_fields,
 )
 
@@ -98,3 +104,42 @@ async def test_drain_sends_goaway_and_finishes_streams_in_flight(make_proxy: Mak
     assert answered(1)(frames)  # and stream 1 got its answer before the close
     assert up.requests == [(0, 1)]
     await up.close()
+
+
+async def test_an_upstream_that_does_not_answer_is_504_or_deadline_exceeded(
+    make_proxy: MakeProxy,
+) -> None:
+    up = await RawUpstream(delay=30).start()
+    slow = Timeouts(header_read=5.0, idle=5.0, connect=2.0, upstream_idle=5.0, upstream_read=0.3)
+    proxy = await make_proxy(app=Address("127.0.0.1", up.port), timeouts=slow)
+    conn = await get(proxy, [1])
+    frames = await conn.frames_until(answered(1))
+    assert answered(1)(frames)
+    assert (
+        sample(
+            proxy, "traffic_color_requests_total", direction="inbound", color="stable", code="504"
+        )
+        == 1
+    )
+    with channel(port(proxy, "inbound")) as ch, pytest.raises(grpc.RpcError) as info:
+        await in_thread(call(ch, "Unary"), b"x", timeout=5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.details() == "upstream timed out"
+    conn.close()
+    await up.close()
+
+
+async def test_a_request_naming_the_outbound_listener_is_508(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+    out = port(proxy, "outbound")
+    conn = await RawH2.open(out)
+    block = hpack(request_fields(f"127.0.0.1:{out}", "/"))
+    await conn.send(frame(HEADERS, END_STREAM | END_HEADERS, 1, block))
+    frames = await conn.frames_until(answered(1))
+    assert answered(1)(frames)
+    await asyncio.sleep(0.2)
+    got = {"direction": "outbound", "color": "stable"}
+    assert sample(proxy, "traffic_color_requests_total", code="508", **got) == 1
+    h2 = {"direction": "outbound", "protocol": "http2"}
+    assert sample(proxy, "traffic_color_connections_total", **h2) == 1  # no second hop
+    conn.close()

@@ -259,11 +259,21 @@ class Upstream(Conn):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.connected = True
+        if self.addrs is None:
+            local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+            if local and peer:
+                self.addrs = ((local[0], local[1]), (peer[0], peer[1]))
         self.pool.opened(self)
+        if self.addrs is not None and self.side.loops_back(self):
+            self.retired = True
+            self.failed(h.LOOP)
+            transport.close()
+            return
         waiting, self.waiting = self.waiting, []
         for relay in waiting:
             relay.start(self)
         self.mark()
+        self.side.flush()  # the preface and requests leave now, not when the server speaks
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.retired = True
@@ -275,7 +285,8 @@ class Upstream(Conn):
         self.side.flush()
 
     def failed(self, kind: str) -> None:
-        """The connection could not be made: its waiting streams get the proxy's answer."""
+        """The connection could not be made (or must not be used): its waiting streams get
+        the proxy's answer."""
         self.closed = self.retired = True
         waiting, self.waiting = self.waiting, []
         for relay in waiting:

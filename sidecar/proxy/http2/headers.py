@@ -30,6 +30,7 @@ UNAVAILABLE = "unavailable"  # upstream refused, unreachable, or gone before its
 TIMEOUT = "timeout"  # connect or first-answer deadline passed
 TOO_LARGE = "too_large"  # request header list over the limit
 BAD_REQUEST = "bad_request"  # no usable authority
+LOOP = "loop"  # the upstream named is this proxy's own outbound listener
 
 _FAILURES = {
     # kind: (HTTP status, gRPC status, message)
@@ -37,6 +38,7 @@ _FAILURES = {
     TIMEOUT: (504, GRPC_DEADLINE_EXCEEDED, "upstream timed out"),
     TOO_LARGE: (431, GRPC_RESOURCE_EXHAUSTED, "request header list too large"),
     BAD_REQUEST: (400, GRPC_INTERNAL, "request names no upstream"),
+    LOOP: (508, GRPC_INTERNAL, "request addressed to the proxy itself"),
 }
 
 # grpc/doc/http-grpc-status-mapping.md: the status a gRPC client infers from an HTTP one.

@@ -127,8 +127,7 @@ class H2Pool:
         color, host, port = conn.key
         hooks = self.ctx.hooks
         if hooks is None:
-            transport, _ = await self.loop.create_connection(lambda: conn, host, port)
-            _set_addrs(conn, transport)
+            await self.loop.create_connection(lambda: conn, host, port)
             return
         try:
             infos = socket.getaddrinfo(
@@ -159,10 +158,3 @@ class H2Pool:
                     raise
                 error = exc
         raise error
-
-
-def _set_addrs(conn: Upstream, transport: asyncio.BaseTransport) -> None:
-    local = transport.get_extra_info("sockname")
-    peer = transport.get_extra_info("peername")
-    if local and peer:
-        conn.addrs = ((local[0], local[1]), (peer[0], peer[1]))

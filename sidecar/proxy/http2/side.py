@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecar.proxy.exchange import parse_authority
 from sidecar.proxy.http2 import headers as h
@@ -40,6 +41,9 @@ class H2Side:
         self.dirty: set[Conn] = set()  # sessions with frames to send after this callback
         self.draining = False
         self._authorities: dict[bytes, tuple[str, int]] = {}
+        # Whether a new upstream connection (its ``addrs``) reached our own outbound
+        # listener; whoever owns the listeners sets it (the HTTP/1 side's check).
+        self.loops_back: Callable[[Any], bool] = lambda conn: False
         self._sweeper: asyncio.Task[None] | None = None
 
     def protocol(self, direction: str, dst: tuple[str, int] | None) -> asyncio.Protocol:
