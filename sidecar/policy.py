@@ -28,6 +28,14 @@ MAX_COLORS = 63  # color ids 1..63; 0 means "no color" in the kernel's tables
 RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
 DEFAULT_FLOW_TABLE_SIZE = 65536
 DEFAULT_RULE_PRIORITY = 10000
+# Server-first protocols (SMTP, submission, MySQL, Galera, PostgreSQL, Redis,
+# Elasticsearch transport, memcached): the client waits for the server, so
+# captured connections to these ports skip protocol detection (Linkerd's list).
+DEFAULT_OPAQUE_PORTS = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
+DEFAULT_OWNER_UID = 1337
+# SO_MARK bit on the sidecar's own upstream sockets: capture never redirects them,
+# whatever uid the sidecar runs as. Setting it needs CAP_NET_ADMIN, which apps lack.
+DEFAULT_OWN_MARK = 0x13370000
 
 DEFAULT_POLICY_TEXT = """\
 version: 1
@@ -162,6 +170,31 @@ class Datapath:
 
 
 @dataclass(frozen=True)
+class CaptureOutbound:
+    exclude_ports: tuple[int, ...] = ()
+    include_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # () = all
+    exclude_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class CaptureInbound:
+    exclude_ports: tuple[int, ...] = ()  # the admin and listener ports are always excluded
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Transparent capture (nftables table ``inet traffic_color``) and protocol detection."""
+
+    enabled: bool = False
+    owner_uid: int = DEFAULT_OWNER_UID
+    own_mark: int = DEFAULT_OWN_MARK
+    detect_timeout: float = 5.0  # seconds of client silence before a flow is relayed opaque
+    opaque_ports: tuple[int, ...] = DEFAULT_OPAQUE_PORTS
+    outbound: CaptureOutbound = field(default_factory=CaptureOutbound)
+    inbound: CaptureInbound = field(default_factory=CaptureInbound)
+
+
+@dataclass(frozen=True)
 class Policy:
     version: int
     header: str
@@ -175,6 +208,7 @@ class Policy:
     datapath: Datapath
     digest: str  # sha256 of the source text, first 16 hex digits
     source: str = "<default>"
+    capture: Capture = field(default_factory=Capture)
 
     def color_by_id(self) -> dict[int, Color]:
         return {c.id: c for c in self.colors.values()}
@@ -331,6 +365,7 @@ _TOP = {
     "admin",
     "timeouts",
     "datapath",
+    "capture",
 }
 
 
@@ -378,6 +413,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     admin_listen = _listen_section(ck, top.get("admin"), "admin", "0.0.0.0:15090")
     timeouts = _timeouts(ck, top.get("timeouts"))
     datapath = _datapath(ck, top.get("datapath"), colors)
+    capture = _capture(ck, top.get("capture"), mark_mask)
 
     if ck.issues:
         raise PolicyError(source, ck.issues)
@@ -394,6 +430,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         datapath=datapath,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         source=source,
+        capture=capture,
     )
 
 
@@ -501,23 +538,16 @@ def _inbound(ck: _Checker, entry: Any, colors: dict[str, Color]) -> Inbound:
     if "trust_header" in fields:
         value = ck.boolean(fields["trust_header"][1], "inbound.trust_header")
         trust = True if value is None else value
-    sources = []
+    sources: tuple = ()
     if "trusted_sources" in fields:
-        for node in ck.sequence(fields["trusted_sources"][1], "inbound.trusted_sources"):
-            text = ck.string(node, "inbound.trusted_sources[]")
-            if text is None:
-                continue
-            try:
-                sources.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                ck.err(node, f"inbound.trusted_sources: '{text}' is not a CIDR")
+        sources = _cidrs(ck, fields["trusted_sources"][1], "inbound.trusted_sources")
     rules = []
     if "rules" in fields:
         for i, node in enumerate(ck.sequence(fields["rules"][1], "inbound.rules")):
             rule = _rule(ck, node, f"inbound.rules[{i}]", colors)
             if rule is not None:
                 rules.append(rule)
-    return Inbound(listen, app, trust, tuple(sources), tuple(rules))
+    return Inbound(listen, app, trust, sources, tuple(rules))
 
 
 def _name_value(
@@ -759,3 +789,96 @@ def _route(ck: _Checker, node: yaml.Node, where: str) -> Route | None:
             return None
     dev = ck.string(rf["dev"][1], f"{where}.dev") if "dev" in rf else None
     return Route(dst, via, dev)
+
+
+def _capture(ck: _Checker, entry: Any, mark_mask: int) -> Capture:
+    if entry is None:
+        return Capture()
+    allowed = {
+        "enabled",
+        "owner_uid",
+        "own_mark",
+        "detect_timeout",
+        "opaque_ports",
+        "outbound",
+        "inbound",
+    }
+    fields = ck.mapping(entry[1], "capture", allowed)
+    values: dict[str, Any] = {}
+    if "enabled" in fields:
+        values["enabled"] = bool(ck.boolean(fields["enabled"][1], "capture.enabled"))
+    if "owner_uid" in fields:
+        uid = ck.integer(fields["owner_uid"][1], "capture.owner_uid", 1, 0xFFFFFFFE)
+        if uid is not None:
+            values["owner_uid"] = uid
+    if "own_mark" in fields:
+        mnode = fields["own_mark"][1]
+        mark = ck.integer(mnode, "capture.own_mark", 1, 0xFFFFFFFF)
+        if mark is not None and mark & mark_mask:
+            ck.err(
+                mnode,
+                f"capture.own_mark: {mark:#x} shares bits with mark_mask {mark_mask:#x} "
+                "(the colors' marks)",
+            )
+        elif mark is not None:
+            values["own_mark"] = mark
+    if "own_mark" not in fields and values.get("enabled") and DEFAULT_OWN_MARK & mark_mask:
+        ck.err(
+            entry[0],
+            f"capture: mark_mask {mark_mask:#x} covers the default own_mark "
+            f"{DEFAULT_OWN_MARK:#x}; set capture.own_mark to bits outside it",
+        )
+    if "detect_timeout" in fields:
+        t = ck.number(fields["detect_timeout"][1], "capture.detect_timeout")
+        if t is not None:
+            values["detect_timeout"] = t
+    if "opaque_ports" in fields:
+        values["opaque_ports"] = _ports(ck, fields["opaque_ports"][1], "capture.opaque_ports")
+    if "outbound" in fields:
+        of = ck.mapping(
+            fields["outbound"][1],
+            "capture.outbound",
+            {"exclude_ports", "include_cidrs", "exclude_cidrs"},
+        )
+        out: dict[str, Any] = {}
+        if "exclude_ports" in of:
+            out["exclude_ports"] = _ports(
+                ck, of["exclude_ports"][1], "capture.outbound.exclude_ports"
+            )
+        for key in ("include_cidrs", "exclude_cidrs"):
+            if key in of:
+                out[key] = _cidrs(ck, of[key][1], f"capture.outbound.{key}")
+        values["outbound"] = CaptureOutbound(**out)
+    if "inbound" in fields:
+        inf = ck.mapping(fields["inbound"][1], "capture.inbound", {"exclude_ports"})
+        ports = (
+            _ports(ck, inf["exclude_ports"][1], "capture.inbound.exclude_ports")
+            if "exclude_ports" in inf
+            else ()
+        )
+        values["inbound"] = CaptureInbound(ports)
+    return Capture(**values)
+
+
+def _ports(ck: _Checker, node: yaml.Node, where: str) -> tuple[int, ...]:
+    ports: list[int] = []
+    for item in ck.sequence(node, where):
+        port = ck.integer(item, f"{where}[]", 1, 65535)
+        if port is not None and port not in ports:
+            ports.append(port)
+    return tuple(ports)
+
+
+def _cidrs(
+    ck: _Checker, node: yaml.Node, where: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in ck.sequence(node, where):
+        text = ck.string(item, f"{where}[]")
+        if text is None:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            ck.err(item, f"{where}: '{text}' is not a CIDR")
+    return tuple(nets)

@@ -73,14 +73,19 @@ GRPC = (
 )
 CONNECTIONS = (
     "traffic_color_connections_total",
-    "Client connections accepted, by direction and protocol.",
+    "Client connections accepted, by direction and the protocol detected on them.",
 )
+OPAQUE_BYTES = (
+    "traffic_color_opaque_bytes_total",
+    "Bytes relayed as opaque TCP (both ways), by direction and the flow's color.",
+)
+PROTOCOLS = ("http1", "http2", "opaque")
 
 
 class DirectionCounts:
     """The request and rewrite counts of one direction, written by that side's hot path."""
 
-    __slots__ = ("histograms", "requests", "rewrites")
+    __slots__ = ("connections", "histograms", "opaque_bytes", "requests", "rewrites")
 
     def __init__(self) -> None:
         # color -> code -> [count, the color's histogram]
@@ -91,6 +96,10 @@ class DirectionCounts:
         # ``rewrites[reason]`` in place (no call), and each series reads 0 before
         # its first rewrite, as Prometheus advises for label values known up front.
         self.rewrites: dict[str, int] = dict.fromkeys(REASONS, 0)
+        # Protocol -> connections (the front door adds in place); color -> opaque bytes,
+        # seeded with the policy's colors by ``ProxyMetrics.known_colors``.
+        self.connections: dict[str, int] = dict.fromkeys(PROTOCOLS, 0)
+        self.opaque_bytes: dict[str, int] = {}
 
     def request(self, color: str, code: int, seconds: float) -> None:
         try:
@@ -123,7 +132,6 @@ class ProxyMetrics(Collector):
         self._flows: dict[str, int] = {}
         self._reloads: dict[str, int] = {}
         self._grpc: dict[tuple[str, str, str], int] = {}
-        self._connections: dict[tuple[str, str], int] = {}
         self.registry.register(self)
 
     def direction(self, name: str) -> DirectionCounts:
@@ -140,9 +148,11 @@ class ProxyMetrics(Collector):
         key = (direction, color, grpc_status)
         self._grpc[key] = self._grpc.get(key, 0) + 1
 
-    def connection_opened(self, direction: str, protocol: str) -> None:
-        key = (direction, protocol)
-        self._connections[key] = self._connections.get(key, 0) + 1
+    def known_colors(self, names: Iterable[str]) -> None:
+        """Colors whose opaque byte series read 0 before their first byte."""
+        for counts in self.directions.values():
+            for name in names:
+                counts.opaque_bytes.setdefault(name, 0)
 
     def reload(self, ok: bool) -> None:
         result = "success" if ok else "failure"
@@ -152,15 +162,21 @@ class ProxyMetrics(Collector):
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: lets the registry refuse a duplicate name."""
-        yield from self._families({}, {}, {}, {}, {})
-        yield from self._families2({}, {})
+        yield from self._families({}, {}, {}, {}, {}, {}, {})
+        yield self._grpc_family({})
 
     def collect(self) -> Iterator[Metric]:
         # Copies first: the loop thread may add a label set while this runs.
         req: dict[tuple[str, str, int], int] = {}
         hist: dict[tuple[str, str], list] = {}
         rew: dict[tuple[str, str], int] = {}
+        conns: dict[tuple[str, str], int] = {}
+        opaque: dict[tuple[str, str], int] = {}
         for direction, counts in self.directions.items():
+            for proto, n in counts.connections.copy().items():
+                conns[(direction, proto)] = n
+            for color, n in counts.opaque_bytes.copy().items():
+                opaque[(direction, color)] = n
             for color, codes in counts.requests.copy().items():
                 for code, cell in codes.copy().items():
                     req[(direction, color, code)] = cell[0]
@@ -168,21 +184,17 @@ class ProxyMetrics(Collector):
                 hist[(direction, color)] = cells[:]
             for reason, n in counts.rewrites.copy().items():
                 rew[(direction, reason)] = n
-        yield from self._families(req, hist, rew, self._flows.copy(), self._reloads.copy())
-        yield from self._families2(self._grpc.copy(), self._connections.copy())
+        yield from self._families(
+            req, hist, rew, self._flows.copy(), self._reloads.copy(), conns, opaque
+        )
+        yield self._grpc_family(self._grpc.copy())
 
     @staticmethod
-    def _families2(
-        grpc: dict[tuple[str, str, str], int], connections: dict[tuple[str, str], int]
-    ) -> Iterator[Metric]:
+    def _grpc_family(grpc: dict[tuple[str, str, str], int]) -> Metric:
         family = CounterMetricFamily(*GRPC, labels=("direction", "color", "grpc_status"))
         for labels, n in grpc.items():
             family.add_metric(labels, float(n))
-        yield family
-        conns = CounterMetricFamily(*CONNECTIONS, labels=("direction", "protocol"))
-        for labels, n in connections.items():
-            conns.add_metric(labels, float(n))
-        yield conns
+        return family
 
     @staticmethod
     def _families(
@@ -191,6 +203,8 @@ class ProxyMetrics(Collector):
         rew: dict[tuple[str, str], int],
         flows: dict[str, int],
         reloads: dict[str, int],
+        conns: dict[tuple[str, str], int],
+        opaque: dict[tuple[str, str], int],
     ) -> Iterator[Metric]:
         requests = CounterMetricFamily(*REQUESTS, labels=("direction", "color", "code"))
         for (direction, color, code), n in req.items():
@@ -217,6 +231,14 @@ class ProxyMetrics(Collector):
         for result, n in reloads.items():
             reload_family.add_metric((result,), float(n))
         yield reload_family
+        connections = CounterMetricFamily(*CONNECTIONS, labels=("direction", "protocol"))
+        for labels, n in conns.items():
+            connections.add_metric(labels, float(n))
+        yield connections
+        opaque_bytes = CounterMetricFamily(*OPAQUE_BYTES, labels=("direction", "color"))
+        for labels, n in opaque.items():
+            opaque_bytes.add_metric(labels, float(n))
+        yield opaque_bytes
 
 
 class KernelCollector(Collector):

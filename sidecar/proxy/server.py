@@ -10,34 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from sidecar.admin.metrics import ProxyMetrics
-from sidecar.coloring import Colorer
 from sidecar.policy import Address, Timeouts
-from sidecar.proxy.protocol import Downstream, Shared, access_log
+from sidecar.proxy.context import ProxyContext
+from sidecar.proxy.http1.downstream import Downstream, Shared, access_log
 
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024
-
-
-class FlowHooks(Protocol):
-    """Where the kernel data path learns about upstream flows (one color each)."""
-
-    def flow_open(self, color: str, local: tuple[str, int], remote: tuple[str, int]) -> None: ...
-
-    def flow_close(self, color: str, local: tuple[str, int], remote: tuple[str, int]) -> None: ...
-
-
-@dataclass
-class ProxyContext:
-    colorer: Colorer  # swapped by the lead on reload; read per request
-    metrics: ProxyMetrics
-    timeouts: Timeouts  # swapped on reload too
-    app: Address  # the inbound side's upstream, swapped on reload
-    hooks: FlowHooks | None = None  # may be set after start; a raising hook is logged
 
 
 def sweep_interval(t: Timeouts) -> float:

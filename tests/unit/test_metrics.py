@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.admin.metrics import DURATION_BUCKETS, ProxyMetrics
+from sidecar.admin.metrics import DURATION_BUCKETS, PROTOCOLS, ProxyMetrics
 from sidecar.coloring import REASONS
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -50,29 +50,58 @@ def test_families_keep_their_names_and_types() -> None:
         "traffic_color_header_rewrites": "counter",
         "traffic_color_upstream_flows": "gauge",
         "traffic_color_policy_reloads": "counter",
-        "traffic_color_grpc_requests": "counter",
         "traffic_color_connections": "counter",
+        "traffic_color_opaque_bytes": "counter",
+        "traffic_color_grpc_requests": "counter",
     }
 
 
-def test_grpc_and_connection_series_count_by_their_labels() -> None:
+def test_grpc_series_count_by_their_labels() -> None:
     m = ProxyMetrics()
     m.grpc_request("inbound", "canary", "14")
     m.grpc_request("inbound", "canary", "14")
-    m.connection_opened("outbound", "http2")
     _, s = scrape(m.registry)
     grpc = labels(direction="inbound", color="canary", grpc_status="14")
     assert s[("traffic_color_grpc_requests_total", grpc)] == 2
-    conns = labels(direction="outbound", protocol="http2")
-    assert s[("traffic_color_connections_total", conns)] == 1
 
 
 def test_request_series_appear_with_use_and_rewrite_reasons_read_zero_from_the_start() -> None:
-    _, samples = scrape(ProxyMetrics().registry)
+    m = ProxyMetrics()
+    m.known_colors(["stable", "canary"])
+    _, samples = scrape(m.registry)
     rew = "traffic_color_header_rewrites_total"
+    conns = "traffic_color_connections_total"
+    opaque = "traffic_color_opaque_bytes_total"
+    sides = ("outbound", "inbound")
     assert samples == {
-        (rew, labels(direction=d, reason=r)): 0.0 for d in ("outbound", "inbound") for r in REASONS
+        **{(rew, labels(direction=d, reason=r)): 0.0 for d in sides for r in REASONS},
+        **{(conns, labels(direction=d, protocol=p)): 0.0 for d in sides for p in PROTOCOLS},
+        **{
+            (opaque, labels(direction=d, color=c)): 0.0 for d in sides for c in ("stable", "canary")
+        },
     }
+
+
+def test_connections_by_protocol_and_opaque_bytes_by_color() -> None:
+    m = ProxyMetrics()
+    m.direction("outbound").connections["opaque"] += 2
+    m.direction("inbound").connections["http1"] += 1
+    m.direction("outbound").opaque_bytes["canary"] = 1500
+    _, samples = scrape(m.registry)
+    assert (
+        samples[
+            ("traffic_color_connections_total", labels(direction="outbound", protocol="opaque"))
+        ]
+        == 2
+    )
+    assert (
+        samples[("traffic_color_connections_total", labels(direction="inbound", protocol="http1"))]
+        == 1
+    )
+    assert (
+        samples[("traffic_color_opaque_bytes_total", labels(direction="outbound", color="canary"))]
+        == 1500
+    )
 
 
 def test_request_counts_per_direction_color_and_code() -> None:

@@ -39,7 +39,8 @@ from sidecar.proxy.http2.binding import (
 from sidecar.proxy.http2.stream import Relay
 
 if TYPE_CHECKING:
-    from sidecar.proxy.http2.pool import H2Pool, Key
+    from sidecar.proxy.context import Key
+    from sidecar.proxy.http2.pool import H2Pool
     from sidecar.proxy.http2.side import H2Side
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Downstream(Conn):
         self.transport = transport  # type: ignore[assignment]
         side = self.side
         side.downs.add(self)
-        side.ctx.metrics.connection_opened(self.direction, "http2")
+        self.counts.connections["http2"] += 1
         self.idle_since = side.loop.time()
         if not self.outbound:
             peer = transport.get_extra_info("peername")

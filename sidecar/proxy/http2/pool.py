@@ -14,17 +14,16 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from sidecar.proxy.context import Key
 from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.connection import Upstream
-from sidecar.proxy.upstream import _call_hook, _source_address
+from sidecar.proxy.pool import _call_hook, _source_address
 
 if TYPE_CHECKING:
     from sidecar.proxy.http2.side import H2Side
     from sidecar.proxy.http2.stream import Relay
 
 log = logging.getLogger(__name__)
-
-Key = tuple[str, str, int]  # (color, host, port)
 
 
 class H2Pool:

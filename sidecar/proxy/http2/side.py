@@ -15,7 +15,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from sidecar.proxy.exchange import parse_authority
+from sidecar.proxy.http1.exchange import parse_authority
 from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.binding import CANCEL
 from sidecar.proxy.http2.connection import Conn, Downstream
@@ -23,7 +23,7 @@ from sidecar.proxy.http2.pool import H2Pool
 
 if TYPE_CHECKING:
     from sidecar.policy import Timeouts
-    from sidecar.proxy.server import ProxyContext
+    from sidecar.proxy.context import ProxyContext
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from httptools import (
 from sidecar.coloring import MISSING, Colorer
 from sidecar.errors import DownstreamProtocolError
 from sidecar.proxy.batch import WriteBatch
-from sidecar.proxy.exchange import (
+from sidecar.proxy.flow import PEER_FULL, QUEUED, WAITING, FlowControl
+from sidecar.proxy.http1.exchange import (
     CONNECT_ESTABLISHED,
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -48,14 +49,14 @@ from sidecar.proxy.exchange import (
     outbound_target,
     parse_authority,
 )
-from sidecar.proxy.flow import PEER_FULL, QUEUED, WAITING, FlowControl
-from sidecar.proxy.tunnel import Tunnel
-from sidecar.proxy.upstream import Key, Pool, UpstreamConnection
+from sidecar.proxy.http1.upstream import UpstreamConnection
+from sidecar.proxy.opaque import Tunnel
+from sidecar.proxy.pool import Pool
 
 if TYPE_CHECKING:
     from sidecar.admin.metrics import DirectionCounts
     from sidecar.policy import Timeouts
-    from sidecar.proxy.server import ProxyContext
+    from sidecar.proxy.context import Key, ProxyContext
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sidecar.access")
