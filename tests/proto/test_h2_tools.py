@@ -145,3 +145,32 @@ async def test_a_slow_reader_stops_its_writer_and_gets_every_byte(
     body = b"".join(p for k, _, sid, p in frames if k == DATA and sid == 1)
     assert body == nghttpd.body("big")
     conn.close()
+
+
+async def test_a_captured_destination_names_the_upstream(
+    make_proxy: MakeProxy, nghttpd: Nghttpd
+) -> None:
+    """As the front door hands captured connections over: outbound goes to the original
+    destination whatever ``:authority`` says; inbound to the app on the port dialled."""
+    from sidecar.proxy.http2 import H2Side
+
+    proxy = await make_proxy(app=Address("127.0.0.1", 1))  # the app's own port: unused
+    loop = asyncio.get_running_loop()
+    side = H2Side(proxy.ctx, loop)
+    dst = ("127.0.0.1", nghttpd.port)
+    servers = [
+        await loop.create_server(lambda d=d: side.protocol(d, dst), "127.0.0.1", 0)
+        for d in ("outbound", "inbound")
+    ]
+    try:
+        for server in servers:
+            p = server.sockets[0].getsockname()[1]
+            url = "http://elsewhere.invalid:81/100"
+            rc, body = await run(
+                "curl", "-sS", "--http2-prior-knowledge", "--connect-to", f"::127.0.0.1:{p}", url
+            )  # fmt: skip
+            assert rc == 0 and body == nghttpd.body("100")
+    finally:
+        for server in servers:
+            server.close()
+        await side.drain(1.0)

@@ -122,10 +122,15 @@ class H2Pool:
         conn.failed(kind)
 
     async def _open(self, conn: Upstream) -> None:
-        """Connect; with flow hooks, bind first and register the 4-tuple before the SYN."""
+        """Connect; with flow hooks, bind first and register the 4-tuple before the SYN.
+
+        In capture mode the socket carries the sidecar's own mark (SO_MARK,
+        ``ctx.own_mark`` of issue 12's context), so the capture rules leave it alone.
+        """
         color, host, port = conn.key
         hooks = self.ctx.hooks
-        if hooks is None:
+        mark = getattr(self.ctx, "own_mark", 0)  # absent before the capture context lands
+        if hooks is None and not mark:
             await self.loop.create_connection(lambda: conn, host, port)
             return
         try:
@@ -140,11 +145,14 @@ class H2Pool:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.bind((_source_address(family, addr), 0))
-                local = sock.getsockname()
-                conn.addrs = ((sys.intern(local[0]), local[1]), (addr[0], addr[1]))
-                conn.hooks = hooks
-                _call_hook(hooks.flow_open, color, *conn.addrs)
+                if mark:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+                if hooks is not None:
+                    sock.bind((_source_address(family, addr), 0))
+                    local = sock.getsockname()
+                    conn.addrs = ((sys.intern(local[0]), local[1]), (addr[0], addr[1]))
+                    conn.hooks = hooks
+                    _call_hook(hooks.flow_open, color, *conn.addrs)
                 await self.loop.sock_connect(sock, addr)
                 await self.loop.create_connection(lambda: conn, sock=sock)
                 return
@@ -152,7 +160,7 @@ class H2Pool:
                 sock.close()
                 if conn.hooks is not None:
                     conn.hooks = None
-                    _call_hook(hooks.flow_close, color, *conn.addrs)  # type: ignore[misc]
+                    _call_hook(hooks.flow_close, color, *conn.addrs)  # type: ignore[misc, union-attr]
                 if not isinstance(exc, OSError):
                     raise
                 error = exc
