@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from sidecar.policy import Address
+from sidecar.policy import Address, Timeouts
 from tests.proto.conftest import MakeProxy, RecordingHooks, port, sample
 from tests.proto.h2help import GrpcBackend, call, channel, free_port, in_thread
 
@@ -155,6 +155,19 @@ async def test_deadline_and_cancel_reach_the_server(
     # counted CANCELLED) or the server, which had the deadline too (DEADLINE_EXCEEDED).
     expired = sample(proxy, "traffic_color_grpc_requests_total", grpc_status="4", **calls)
     assert (cancelled, cancelled + expired) in ((1, 2), (2, 2))
+
+
+async def test_a_grpc_call_without_deadline_may_wait_past_upstream_read(
+    make_proxy: MakeProxy, grpc_backend: GrpcBackend
+) -> None:
+    """A watch stream whose server has nothing to say yet is not cut by the proxy."""
+    quick = Timeouts(header_read=5.0, idle=5.0, connect=2.0, upstream_idle=5.0, upstream_read=0.2)
+    _, out, _ = await sides(make_proxy, grpc_backend, timeouts=quick)
+    with out:
+        fut = call(out, "Slow").future(b"watch")
+        await asyncio.sleep(1.0)
+        assert not fut.done() and grpc_backend.active == 1
+        fut.cancel()
 
 
 async def test_server_status_passes_through(

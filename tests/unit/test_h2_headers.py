@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.coloring import Colorer
 from sidecar.policy import default_policy
 from sidecar.proxy.http2 import headers as h
@@ -69,3 +71,28 @@ def test_failures_speak_grpc_to_grpc_clients_and_http_to_the_rest() -> None:
     assert status == 504 and h.status(f) == 504
     assert h.get(f, b"content-length") == str(len(body)).encode()
     assert h.failure(h.UNAVAILABLE, grpc=False)[0] == 502
+
+
+def test_grpc_timeout_and_the_answer_limit_it_gives() -> None:
+    def t(value: bytes) -> float | None:
+        return h.grpc_timeout(h.fields(b"grpc-timeout\0" + value + b"\0"))
+
+    assert (
+        t(b"5S") == 5
+        and t(b"100m") == 0.1
+        and t(b"2H") == 7200
+        and t(b"30u") == pytest.approx(3e-5)
+    )
+    assert t(b"123456789S") is None  # more than 8 digits
+    assert t(b"5") is None and t(b"S") is None and t(b"5x") is None and t(b"-5S") is None
+    assert h.grpc_timeout(h.fields(BLOCK)) is None
+
+    from sidecar.proxy.http2.stream import Relay
+
+    relay = Relay(None, 1, 0.0)  # type: ignore[arg-type]
+    assert relay.answer_limit(60.0) == 60.0  # plain HTTP/2: upstream_read
+    relay.grpc = True
+    assert relay.answer_limit(60.0) is None  # a gRPC call without a deadline: no limit
+    relay.grpc_timeout = 5.0
+    assert relay.answer_limit(60.0) == 5.0
+    assert relay.answer_limit(1.0) == 1.0

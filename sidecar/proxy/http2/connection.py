@@ -192,7 +192,9 @@ class Downstream(Conn):
             relay.fail(h.TOO_LARGE)
             return
         f = h.fields(block)
-        relay.grpc = h.is_grpc(f)
+        relay.grpc = grpc = h.is_grpc(f)
+        if grpc:
+            relay.grpc_timeout = h.grpc_timeout(f)
         colorer = self.side.ctx.colorer
         header = colorer.header
         own = h.values_of(f, header)

@@ -94,6 +94,18 @@ def authority(f: Fields) -> bytes | None:
     return value if value else get(f, b"host")
 
 
+_GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def grpc_timeout(f: Fields) -> float | None:
+    """A call's ``grpc-timeout`` in seconds (PROTOCOL-HTTP2.md: 1-8 digits and a unit)."""
+    value = get(f, b"grpc-timeout")
+    if value is None or not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return None
+    unit = _GRPC_UNITS.get(value[-1:])
+    return int(value[:-1]) * unit if unit is not None else None
+
+
 def is_grpc(f: Fields) -> bool:
     ct = get(f, b"content-type")
     return ct is not None and ct.startswith(GRPC_CONTENT_TYPE)

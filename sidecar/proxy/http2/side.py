@@ -118,8 +118,11 @@ class H2Side:
                 continue
             clock = perf_counter()
             for relay in list(down.relays.values()):
-                # No answer head within upstream_read: 504 / DEADLINE_EXCEEDED.
-                if not relay.status and clock - relay.t0 >= t.upstream_read:
+                # No answer head in time: 504 / DEADLINE_EXCEEDED.
+                if relay.status:
+                    continue
+                limit = relay.answer_limit(t.upstream_read)
+                if limit is not None and clock - relay.t0 >= limit:
                     up = relay.up
                     if up is not None and relay.up_sid in up.streams:
                         up.session.reset(relay.up_sid, CANCEL)

@@ -43,6 +43,7 @@ class Relay:
         "down_q",
         "grpc",
         "grpc_status",
+        "grpc_timeout",
         "key",
         "owed_down",
         "owed_up",
@@ -68,6 +69,7 @@ class Relay:
         self.color = ""
         self.key: tuple[str, str, int] = ("", "", 0)
         self.grpc = False
+        self.grpc_timeout: float | None = None  # the call's own deadline, seconds
         self.block = b""  # the request head as forwarded (colored)
         self.up: Upstream | None = None
         self.up_sid = 0
@@ -212,6 +214,19 @@ class Relay:
             up.mark()
         else:
             notify_below(self.down_q, LOW_WATER)
+
+    def answer_limit(self, upstream_read: float) -> float | None:
+        """Seconds the upstream may take to start answering, or None for no limit.
+
+        HTTP: ``timeouts.upstream_read``. gRPC: a call without a deadline may wait for its
+        first message as long as it likes (a watch stream); one with a deadline gets at
+        most ``upstream_read``, and at most its deadline.
+        """
+        if not self.grpc:
+            return upstream_read
+        if self.grpc_timeout is None:
+            return None
+        return min(self.grpc_timeout, upstream_read)
 
     # ------------------------------------------------------------ endings
 
