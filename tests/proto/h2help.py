@@ -318,13 +318,20 @@ class RawUpstream:
     """A hand-driven HTTP/2 server for what no stock server does on demand: a GOAWAY that
     leaves streams unprocessed, a small SETTINGS_MAX_CONCURRENT_STREAMS, slow answers.
 
-    Connection ``i`` (from 0) is answered by ``goaway_on(i)``: True sends GOAWAY naming
-    no stream as processed on its first request; otherwise each request gets ``:status
-    200`` after ``delay`` seconds.
+    The first ``goaways`` connections answer their first request with a GOAWAY naming no
+    stream as processed; later ones answer each request ``:status 200`` after ``delay``
+    seconds (or, with ``reset``, a head, some DATA and RST_STREAM).
     """
 
-    def __init__(self, max_streams: int | None = None, delay: float = 0.0, goaways: int = 0):
+    def __init__(
+        self,
+        max_streams: int | None = None,
+        delay: float = 0.0,
+        goaways: int = 0,
+        reset: int | None = None,
+    ) -> None:
         self.max_streams, self.delay, self.goaways = max_streams, delay, goaways
+        self.reset = reset  # answer with a head, then RST_STREAM with this code
         self.connections = 0
         self.requests: list[tuple[int, int]] = []  # (connection, stream id) answered
         self.server: asyncio.AbstractServer | None = None
@@ -371,4 +378,9 @@ class RawUpstream:
         if writer.is_closing():
             return
         self.requests.append((index, sid))
+        if self.reset is not None:
+            writer.write(frame(HEADERS, END_HEADERS, sid, b"\x88"))
+            writer.write(frame(DATA, 0, sid, b"partial"))
+            writer.write(frame(RST_STREAM, 0, sid, struct.pack(">I", self.reset)))
+            return
         writer.write(frame(HEADERS, END_STREAM | END_HEADERS, sid, b"\x88"))  # :status 200

@@ -12,10 +12,13 @@ import pytest
 from sidecar.policy import Address, Timeouts
 from tests.proto.conftest import MakeProxy, port, sample
 from tests.proto.h2help import (
+    ACK,
     END_HEADERS,
     END_STREAM,
     GOAWAY,
     HEADERS,
+    PING,
+    RST_STREAM,
     RawH2,
     RawUpstream,
     call,
@@ -142,4 +145,29 @@ async def test_a_request_naming_the_outbound_listener_is_508(make_proxy: MakePro
     assert sample(proxy, "traffic_color_requests_total", code="508", **got) == 1
     h2 = {"direction": "outbound", "protocol": "http2"}
     assert sample(proxy, "traffic_color_connections_total", **h2) == 1  # no second hop
+    conn.close()
+
+
+async def test_an_upstream_reset_reaches_the_client_with_its_code(make_proxy: MakeProxy) -> None:
+    up = await RawUpstream(reset=0x8).start()  # CANCEL
+    proxy = await make_proxy(app=Address("127.0.0.1", up.port))
+    conn = await get(proxy, [1])
+
+    def reset(frames: list) -> bool:
+        return any(k == RST_STREAM and s == 1 for k, _, s, _ in frames)
+
+    frames = await conn.frames_until(reset)
+    rst = next(p for k, _, s, p in frames if k == RST_STREAM and s == 1)
+    assert int.from_bytes(rst, "big") == 0x8
+    # (what was queued behind the reset, the head and DATA here, is dropped with the stream)
+    conn.close()
+    await up.close()
+
+
+async def test_ping_is_answered(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+    conn = await RawH2.open(port(proxy, "inbound"))
+    await conn.send(frame(PING, 0, 0, b"tc-ping!"))
+    frames = await conn.frames_until(lambda f: any(k == PING for k, _, _, _ in f))
+    assert (PING, ACK, 0, b"tc-ping!") in frames
     conn.close()
