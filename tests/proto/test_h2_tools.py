@@ -174,3 +174,36 @@ async def test_a_captured_destination_names_the_upstream(
         for server in servers:
             server.close()
         await side.drain(1.0)
+
+
+async def test_a_closed_connection_is_freed_without_a_garbage_collection(
+    make_proxy: MakeProxy, nghttpd: Nghttpd
+) -> None:
+    """The session and its connection hold each other; closing breaks that at once."""
+    import gc
+    import weakref
+
+    proxy = await make_proxy(app=Address("127.0.0.1", nghttpd.port))
+    rc, _ = await run(
+        "curl", "-sS", "--http2-prior-knowledge", f"http://127.0.0.1:{port(proxy, 'inbound')}/100"
+    )
+    assert rc == 0
+    gc.collect()
+    gc.disable()
+    try:
+        conn = await RawH2.open(port(proxy, "inbound"))
+        await conn.send(
+            frame(HEADERS, END_STREAM | END_HEADERS, 1, hpack(request_fields("a", "/100")))
+        )
+        await conn.frames_until(lambda f: any(k == DATA and fl & END_STREAM for k, fl, _, _ in f))
+        (down,) = proxy._h2.downs
+        ref = weakref.ref(down)
+        del down
+        conn.close()
+        for _ in range(100):
+            if ref() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert ref() is None
+    finally:
+        gc.enable()

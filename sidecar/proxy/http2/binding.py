@@ -171,6 +171,60 @@ class Session:
         return lib.tc_remote_max_streams(self._ts)
 
 
+class ClosedSession:
+    """Stands in for the session of a closed connection (see ``Conn.connection_lost``).
+
+    The session holds a handle on its connection, which holds the session: dropping the
+    session when the connection is gone frees both by reference count, without waiting
+    for a full garbage collection. A stale caller meets this instead: nothing to send,
+    nothing accepted.
+    """
+
+    __slots__ = ()
+
+    def recv(self, data: bytes) -> None:
+        pass
+
+    def send(self) -> bytes:
+        return b""
+
+    def finished(self) -> bool:
+        return True
+
+    def request(self, block: bytes, stream: Any) -> int:
+        return -1
+
+    def response(self, sid: int, block: bytes, stream: Any) -> int:
+        return -1
+
+    def headers(self, sid: int, block: bytes, end: bool) -> int:
+        return -1
+
+    def write(self, stream: Any, data: bytes) -> int:
+        return 0
+
+    def end(self, stream: Any, trailers: bytes | None) -> None:
+        pass
+
+    def consume(self, sid: int, n: int) -> None:
+        pass
+
+    def reset(self, sid: int, code: int) -> None:
+        pass
+
+    def goaway(self, code: int = NO_ERROR) -> None:
+        pass
+
+    def terminate(self, code: int) -> None:
+        pass
+
+    def remote_max_streams(self) -> int:
+        return 0
+
+
+CLOSED = ClosedSession()
+
+
 def buffered(stream: Any) -> int:
     return lib.tc_buffered(stream)
 

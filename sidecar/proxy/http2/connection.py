@@ -22,6 +22,7 @@ from sidecar.errors import DownstreamProtocolError
 from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.binding import (
     CANCEL,
+    CLOSED,
     ENHANCE_YOUR_CALM,
     EV_CLOSE,
     EV_DRAINED,
@@ -33,6 +34,7 @@ from sidecar.proxy.http2.binding import (
     INTERNAL_ERROR,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
+    ClosedSession,
     H2Error,
     Session,
 )
@@ -55,7 +57,7 @@ class Conn(asyncio.Protocol):
     """What both kinds share: the session, its transport, sending and closing."""
 
     side: H2Side
-    session: Session
+    session: Session | ClosedSession
 
     def __init__(self, side: H2Side, server: bool) -> None:
         self.side = side
@@ -106,6 +108,10 @@ class Conn(asyncio.Protocol):
             self.closed = True
             transport.close()
 
+    def release(self) -> None:
+        """After ``connection_lost``: the C session goes now (see ``ClosedSession``)."""
+        self.side.loop.call_soon(setattr, self, "session", CLOSED)
+
     def pause_writing(self) -> None:
         self.paused = True
 
@@ -149,6 +155,7 @@ class Downstream(Conn):
         for relay in relays.values():  # upstream streams of a closed client are reset
             relay.down_closed(CANCEL)
         self.side.flush()
+        self.release()
 
     # ------------------------------------------------------------ from nghttp2
 
@@ -286,6 +293,7 @@ class Upstream(Conn):
         for relay in streams.values():
             relay.up_closed(INTERNAL_ERROR)
         self.side.flush()
+        self.release()
 
     def failed(self, kind: str) -> None:
         """The connection could not be made (or must not be used): its waiting streams get
@@ -295,6 +303,7 @@ class Upstream(Conn):
         for relay in waiting:
             relay.fail(kind)
         self.side.flush()
+        self.release()
 
     # ------------------------------------------------------------ from nghttp2
 
