@@ -21,11 +21,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libnghttp2-dev \
  && rm -rf /var/lib/apt/lists/*
 COPY . /src
-# Every dependency ships a manylinux wheel for CPython 3.11, so no compiler is
-# needed; pip and setuptools are removed so the final venv holds no build tools.
+# Every dependency ships a manylinux wheel for CPython 3.11; the compiler is here only
+# for the package's own nghttp2 binding (cffi, built at install). pip and setuptools
+# are removed so the final venv holds no build tools.
 # PIP_CERT (not --cert) so the isolated build-dependency install sees it too.
 RUN --mount=type=secret,id=ca-bundle,required=false \
     if [ -n "${CA_BUNDLE}" ]; then export PIP_CERT="${CA_BUNDLE}"; fi \
@@ -48,16 +49,16 @@ ENV DEBIAN_FRONTEND=noninteractive
 COPY --from=build /opt/traffic-color /opt/traffic-color
 # Run-time packages only: BCC's Python module and library (which needs libbpf1,
 # also called directly through ctypes), libnftables' Python binding for capture,
-# and iproute2 and nft for operators' debugging. The venv sees Debian's bcc and
-# nftables modules through one symlink each, as `make install` does.
+# nghttp2 for HTTP/2, and iproute2 and nft for operators' debugging. The venv sees
+# Debian's bcc and nftables modules through one symlink each, as `make install` does.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-bpfcc libbpfcc libbpf1 iproute2 \
-    python3-nftables nftables \
+ && apt-get install -y --no-install-recommends python3 python3-bpfcc libbpfcc libbpf1 libnghttp2-14 \
+    iproute2 python3-nftables nftables \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
  && site="$(/opt/traffic-color/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && ln -s /usr/lib/python3/dist-packages/bcc "${site}/bcc" \
  && ln -s /usr/lib/python3/dist-packages/nftables "${site}/nftables" \
- && /opt/traffic-color/bin/python -c 'import bcc, nftables, sidecar'
+ && /opt/traffic-color/bin/python -c 'import bcc, nftables, sidecar, sidecar.proxy.http2'
 ENV PATH="/opt/traffic-color/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

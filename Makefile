@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := python3-bpfcc libbpfcc libbpf1 linux-headers-amd64 iproute2 nginx-light wrk curl gcc \
-	nftables python3-nftables dnsmasq-base
+	nftables python3-nftables dnsmasq-base libnghttp2-dev nghttp2-client nghttp2-server \
+	python3-dev
 KREL := $(shell uname -r)
 
 .PHONY: install demo test test-unit test-root bench lint image clean
@@ -14,7 +15,7 @@ KREL := $(shell uname -r)
 install: $(STAMP) kernel-headers
 
 # apt packages (as root; skipped when already present), then the venv.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py sidecar/proxy/http2/_build.py
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \

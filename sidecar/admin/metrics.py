@@ -77,6 +77,10 @@ BAGGAGE = (
     "traffic_color_baggage_total",
     "Requests whose W3C Baggage color member was used, disagreed with the header, or not read.",
 )
+GRPC = (
+    "traffic_color_grpc_requests_total",
+    "gRPC calls proxied, by direction, color and the grpc-status the client got.",
+)
 CONNECTIONS = (
     "traffic_color_connections_total",
     "Client connections accepted, by direction and the protocol detected on them.",
@@ -140,6 +144,7 @@ class ProxyMetrics(Collector):
         self._reloads: dict[str, int] = {}
         self._lane_fallbacks: dict[tuple[str, str, str], int] = {}
         self._lane_lookups: dict[str, int] = {}
+        self._grpc: dict[tuple[str, str, str], int] = {}
         self.registry.register(self)
 
     def direction(self, name: str) -> DirectionCounts:
@@ -159,6 +164,10 @@ class ProxyMetrics(Collector):
     def lane_lookup(self, result: str) -> None:
         self._lane_lookups[result] = self._lane_lookups.get(result, 0) + 1
 
+    def grpc_request(self, direction: str, color: str, grpc_status: str) -> None:
+        key = (direction, color, grpc_status)
+        self._grpc[key] = self._grpc.get(key, 0) + 1
+
     def known_colors(self, names: Iterable[str]) -> None:
         """Colors whose opaque byte series read 0 before their first byte."""
         for counts in self.directions.values():
@@ -175,6 +184,7 @@ class ProxyMetrics(Collector):
         """The families without samples: lets the registry refuse a duplicate name."""
         yield from self._families({}, {}, {}, {}, {}, {}, {})
         yield from self._lane_families({}, {}, {})
+        yield self._grpc_family({})
 
     def collect(self) -> Iterator[Metric]:
         # Copies first: the loop thread may add a label set while this runs.
@@ -204,6 +214,7 @@ class ProxyMetrics(Collector):
             for event, n in counts.baggage.copy().items()
         }
         yield from self._lane_families(self._lane_fallbacks.copy(), self._lane_lookups.copy(), bag)
+        yield self._grpc_family(self._grpc.copy())
 
     @staticmethod
     def _lane_families(
@@ -223,6 +234,13 @@ class ProxyMetrics(Collector):
         for labels, n in bag.items():
             family.add_metric(labels, float(n))
         yield family
+
+    @staticmethod
+    def _grpc_family(grpc: dict[tuple[str, str, str], int]) -> Metric:
+        family = CounterMetricFamily(*GRPC, labels=("direction", "color", "grpc_status"))
+        for labels, n in grpc.items():
+            family.add_metric(labels, float(n))
+        return family
 
     @staticmethod
     def _families(

@@ -135,6 +135,7 @@ class Door:
                 from sidecar.proxy.http2 import H2Side
 
                 self.h2 = H2Side(self.ctx, self.loop)
+                self.h2.loops_back = self.shared.loops_back  # our own listener is a loop
             except ImportError:
                 self._h2_missing = True
             except Exception:  # a binding that cannot load: HTTP/2 flows go on as opaque

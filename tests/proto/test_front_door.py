@@ -153,8 +153,12 @@ async def test_a_relay_whose_destination_refuses_is_refused(
     assert await until(lambda: not proxy.open_flows())
 
 
-async def test_plain_http2_preface_without_an_http2_side_is_refused_by_http1(proxy) -> None:
-    """As before the front door: the HTTP/1 path refuses what it cannot serve, at once."""
+async def test_plain_http2_preface_without_an_http2_side_is_refused_by_http1(
+    proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the HTTP/2 binding cannot be imported, the HTTP/1 path refuses what it cannot
+    serve, at once."""
+    monkeypatch.setitem(sys.modules, "sidecar.proxy.http2", None)  # import raises ImportError
     conn = await Conn.open(port(proxy))
     await conn.send(PREFACE)
     resp = await conn.response(timeout=2)

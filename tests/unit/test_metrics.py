@@ -56,7 +56,17 @@ def test_families_keep_their_names_and_types() -> None:
         "traffic_color_baggage": "counter",
         "traffic_color_connections": "counter",
         "traffic_color_opaque_bytes": "counter",
+        "traffic_color_grpc_requests": "counter",
     }
+
+
+def test_grpc_series_count_by_their_labels() -> None:
+    m = ProxyMetrics()
+    m.grpc_request("inbound", "canary", "14")
+    m.grpc_request("inbound", "canary", "14")
+    _, s = scrape(m.registry)
+    grpc = labels(direction="inbound", color="canary", grpc_status="14")
+    assert s[("traffic_color_grpc_requests_total", grpc)] == 2
 
 
 def test_request_series_appear_with_use_and_rewrite_reasons_read_zero_from_the_start() -> None:

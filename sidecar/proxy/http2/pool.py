@@ -1,0 +1,171 @@
+"""Upstream HTTP/2 connections kept per (color, host, port): one TCP flow, one color.
+
+Streams of many clients share a connection until the peer's
+SETTINGS_MAX_CONCURRENT_STREAMS is reached; the next one opens a sibling of the
+same color. Each new flow is told to the flow hooks before its SYN leaves (as
+the HTTP/1 pool does), so the kernel marks the whole flow, handshake included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from sidecar.proxy.context import Key
+from sidecar.proxy.http2 import headers as h
+from sidecar.proxy.http2.connection import Upstream
+from sidecar.proxy.pool import _call_hook, _source_address, color_dscp, tos_option
+
+if TYPE_CHECKING:
+    from sidecar.proxy.http2.side import H2Side
+    from sidecar.proxy.http2.stream import Relay
+
+log = logging.getLogger(__name__)
+
+
+class H2Pool:
+    def __init__(self, side: H2Side) -> None:
+        self.side = side
+        self.ctx = side.ctx
+        self.loop = side.loop
+        self.usable: dict[Key, list[Upstream]] = {}  # connections that take new streams
+        self.open: set[Upstream] = set()  # every connection, connecting to closing
+        self.closed = False
+
+    def assign(self, relay: Relay) -> None:
+        """Put ``relay`` on a connection of its key with room, or on a new one."""
+        if self.closed:
+            relay.fail(h.UNAVAILABLE)
+            return
+        key = relay.key
+        conns = self.usable.get(key)
+        if conns is None:
+            conns = self.usable[key] = []
+        for conn in conns:
+            if conn.room() > 0:
+                conn.take(relay)
+                return
+        conn = Upstream(self, key)
+        conns.append(conn)
+        self.open.add(conn)
+        conn.take(relay)
+        self.loop.create_task(self._connect(conn))
+
+    def forget(self, relay: Relay) -> None:
+        """A client stream closed while its connection was still being made."""
+        for conn in self.usable.get(relay.key, ()):
+            if relay in conn.waiting:
+                conn.waiting.remove(relay)
+                return
+
+    def retire(self, conn: Upstream) -> None:
+        conns = self.usable.get(conn.key)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self.usable[conn.key]
+
+    def opened(self, conn: Upstream) -> None:
+        self.ctx.metrics.flow_opened(conn.key[0])
+
+    def lost(self, conn: Upstream) -> None:
+        self.retire(conn)
+        if conn not in self.open:
+            return
+        self.open.discard(conn)
+        if conn.connected:
+            self.ctx.metrics.flow_closed(conn.key[0])
+        hooks, conn.hooks = conn.hooks, None
+        if hooks is not None and conn.addrs is not None:
+            _call_hook(hooks.flow_close, conn.key[0], *conn.addrs)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for conn in self.open:
+            out[conn.key[0]] = out.get(conn.key[0], 0) + 1
+        return out
+
+    def sweep(self, now: float, idle: float) -> None:
+        for conn in list(self.open):
+            if conn.connected and not conn.streams and now - conn.idle_since >= idle:
+                self.retire(conn)
+                conn.close()
+
+    def close_all(self) -> None:
+        self.closed = True
+        for conn in list(self.open):
+            self.retire(conn)
+            if conn.transport is not None:
+                conn.close()
+
+    # ------------------------------------------------------------ connecting
+
+    async def _connect(self, conn: Upstream) -> None:
+        try:
+            async with asyncio.timeout(self.ctx.timeouts.connect):
+                await self._open(conn)
+        except TimeoutError:
+            self._failed(conn, h.TIMEOUT)
+        except OSError as exc:
+            log.debug("h2 upstream %s: %s", conn.key, exc)
+            self._failed(conn, h.UNAVAILABLE)
+
+    def _failed(self, conn: Upstream, kind: str) -> None:
+        self.retire(conn)
+        self.open.discard(conn)
+        hooks, conn.hooks = conn.hooks, None
+        if hooks is not None and conn.addrs is not None:
+            _call_hook(hooks.flow_close, conn.key[0], *conn.addrs)
+        conn.failed(kind)
+
+    async def _open(self, conn: Upstream) -> None:
+        """Connect; with flow hooks, bind first and register the 4-tuple before the SYN.
+
+        In capture mode the socket carries the sidecar's own mark (SO_MARK), so the
+        capture rules leave it alone; a color with a DSCP has it set on the socket, so
+        the node agent routes the flow (as the HTTP/1 pool does).
+        """
+        color, host, port = conn.key
+        hooks = self.ctx.hooks
+        mark = self.ctx.own_mark
+        dscp = color_dscp(self.ctx.colorer.policy, color)
+        if hooks is None and not mark and dscp is None:
+            await self.loop.create_connection(lambda: conn, host, port)
+            return
+        try:
+            infos = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        except socket.gaierror:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"no address for {host}")
+        for family, _, _, _, addr in infos:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if mark:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+                if dscp is not None:
+                    sock.setsockopt(*tos_option(family, dscp))
+                if hooks is not None:
+                    sock.bind((_source_address(family, addr), 0))
+                    local = sock.getsockname()
+                    conn.addrs = ((sys.intern(local[0]), local[1]), (addr[0], addr[1]))
+                    conn.hooks = hooks
+                    _call_hook(hooks.flow_open, color, *conn.addrs)
+                await self.loop.sock_connect(sock, addr)
+                await self.loop.create_connection(lambda: conn, sock=sock)
+                return
+            except BaseException as exc:
+                sock.close()
+                if conn.hooks is not None:
+                    conn.hooks = None
+                    _call_hook(hooks.flow_close, color, *conn.addrs)  # type: ignore[misc, union-attr]
+                if not isinstance(exc, OSError):
+                    raise
+                error = exc
+        raise error
