@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    wait = sub.add_parser("wait-ready", help="wait until a sidecar's /readyz answers 200")
+    wait.add_argument(
+        "--admin",
+        default=os.environ.get("TRAFFIC_COLOR_ADMIN", "http://127.0.0.1:15090"),
+        help="admin base URL (default http://127.0.0.1:15090)",
+    )
+    wait.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
+
     doctor = sub.add_parser("doctor", help="check what the kernel data path needs on this host")
     doctor.add_argument("--policy", default=os.environ.get(POLICY_ENV))
 
@@ -144,6 +152,12 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.admin, as_json=args.json)
 
 
+def _wait_ready(args: argparse.Namespace) -> int:
+    from sidecar.admin.wait import wait_ready
+
+    return wait_ready(args.admin, args.timeout)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from sidecar.datapath.doctor import format_doctor, run_doctor
     from sidecar.runtime import load_policy
@@ -176,6 +190,7 @@ COMMANDS = {
     "run": _run,
     "check": _check,
     "status": _status,
+    "wait-ready": _wait_ready,
     "doctor": _doctor,
     "demo": _demo,
     "inject": _inject,

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="inject an init container with restartPolicy: Always (Kubernetes >= 1.29)",
     )
     parser.add_argument(
+        "--kube-version",
+        help="the cluster's Kubernetes version: native sidecars from 1.29 unless set otherwise",
+    )
+    parser.add_argument(
         "--no-proxy-env",
         dest="proxy_env",
         action="store_false",
@@ -62,7 +66,14 @@ def config_from_args(args: argparse.Namespace) -> InjectConfig:
         data.update(loaded)
     config = InjectConfig.from_mapping(data)
     overrides = {}
-    for name in ("image", "default_color", "policy_config_map", "native_sidecar", "proxy_env"):
+    for name in (
+        "image",
+        "default_color",
+        "policy_config_map",
+        "native_sidecar",
+        "proxy_env",
+        "kube_version",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
