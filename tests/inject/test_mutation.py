@@ -34,6 +34,7 @@ from sidecar.inject.mutation import (
     json_patch,
     no_proxy_value,
 )
+from tests.inject import pss
 from tests.inject.k8s import apply_patch, schema_errors
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -600,3 +601,55 @@ def test_config_from_camel_case_mapping() -> None:
 def test_config_rejects_typos_and_wrong_types(data: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         InjectConfig.from_mapping(data)
+
+
+# ---------------------------------------------------------- pod security
+
+
+RESTRICTED_APP = {
+    "name": "app",
+    "image": "example/app:1",
+    "securityContext": {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "config, annotations, expected",
+    [
+        # The levels the chart README states, for an app that is restricted itself.
+        (CONFIG, HTTP_PROXY_MODE, "restricted"),
+        (NODE_AGENT, HTTP_PROXY_MODE, "restricted"),
+        (CONFIG, {}, "privileged"),  # the capture init container adds NET_ADMIN, NET_RAW
+        (NATIVE, {}, "privileged"),
+        (DATAPATH, HTTP_PROXY_MODE, "privileged"),  # capabilities and hostPath
+    ],
+    ids=["http-proxy", "http-proxy-node-agent", "capture", "capture-native", "datapath"],
+)
+def test_pod_security_level_per_mode(
+    config: InjectConfig, annotations: dict, expected: str
+) -> None:
+    pod = _pod(dict(annotations))
+    pod["spec"]["containers"] = [RESTRICTED_APP]
+    assert pss.level(pod["spec"]) == "restricted"
+    new, _ = inject_pod(pod, config)
+    assert pss.level(new["spec"]) == expected, pss.restricted_problems(new["spec"])
+    if expected == "privileged":
+        # Only what the mode needs is what breaks the lower levels.
+        problems = pss.baseline_problems(new["spec"])
+        allowed = {
+            "traffic-color-capture: adds NET_ADMIN",
+            "traffic-color-capture: adds NET_RAW",
+            "traffic-color: adds NET_ADMIN",
+            "traffic-color: adds BPF",
+            "traffic-color: adds PERFMON",
+            "volume tc-lib-modules: hostPath",
+            "volume tc-usr-src: hostPath",
+            "volume tc-bpffs: hostPath",
+        }
+        assert problems and set(problems) <= allowed
