@@ -221,11 +221,13 @@ def parse_authority(authority: bytes, default_port: int | None) -> tuple[str, in
     return host, int(port_text)
 
 
-def split_absolute(url: bytes) -> tuple[bytes, bytes] | None:
+def split_absolute(url: bytes, method: bytes = b"GET") -> tuple[bytes, bytes] | None:
     """``http://authority/path?q`` -> (authority, origin-form target); None if not absolute.
 
     Only ``http`` is proxied in absolute-form; an app asking for ``https://...`` this
-    way is misconfigured (HTTPS through a proxy is CONNECT), so that is a 400.
+    way is misconfigured (HTTPS through a proxy is CONNECT), so that is a 400. An empty
+    path becomes ``/``, except for OPTIONS, whose empty path asks about the server as a
+    whole and goes on as ``*`` (RFC 9112 section 3.2.4, the last proxy's duty).
     """
     if url[:1] == b"/" or url == b"*":
         return None
@@ -244,7 +246,7 @@ def split_absolute(url: bytes) -> tuple[bytes, bytes] | None:
     if hash_at >= 0:
         tail = tail[:hash_at]
     if not tail:
-        tail = b"/"
+        tail = b"*" if method == b"OPTIONS" else b"/"
     elif tail[:1] == b"?":
         tail = b"/" + tail
     return authority, tail
@@ -259,7 +261,7 @@ def outbound_target(
     forwarded request is rewritten to origin-form with ``Host`` set from it (RFC 9112
     section 3.2.2); origin-form takes the upstream from the ``Host`` header.
     """
-    absolute = split_absolute(url)
+    absolute = split_absolute(url, method)
     if absolute is not None:
         authority, path = absolute
         h, p = parse_authority(authority, 80)
@@ -272,10 +274,16 @@ def outbound_target(
     return h, p, url, None
 
 
-def inbound_target(url: bytes) -> tuple[bytes, bytes | None]:
-    """The app's request target: (origin-form target, new Host value or None)."""
-    absolute = split_absolute(url)
+def inbound_target(method: bytes, url: bytes) -> tuple[bytes, bytes | None]:
+    """The app's request target: (origin-form target, new Host value or None).
+
+    An absolute-form authority becomes the app's Host, so it is held to the same
+    rules as on the outbound side (no userinfo, a host, a valid port): the app must
+    never see a Host the proxy would have refused from its own pod.
+    """
+    absolute = split_absolute(url, method)
     if absolute is not None:
+        parse_authority(absolute[0], 80)
         return absolute[1], absolute[0]
     if url[:1] != b"/" and url != b"*":
         raise DownstreamProtocolError(f"invalid request target {url[:100]!r}")

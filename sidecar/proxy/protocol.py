@@ -73,6 +73,12 @@ _NAMES_CACHE = 1024  # distinct header name spellings remembered per side before
 # What a downstream connection is waiting for, for the sweeper's timeouts.
 _HEAD, _IDLE, _BODY, _BUSY, _TUNNEL = range(5)
 
+# Lingering close (RFC 9112 section 9.6), nginx's ``lingering_timeout`` and
+# ``lingering_time``: after answering a client that is still sending, read and drop its
+# bytes until it has been quiet this long, or for at most this long in all.
+LINGER_QUIET = 5.0
+LINGER_TIME = 30.0
+
 
 _WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 _HTTP1 = frozenset({"1.0", "1.1"})
@@ -244,6 +250,7 @@ class Downstream(asyncio.Protocol):
         "error_after",
         "fed",
         "flow",
+        "lingering",
         "loop",
         "names",
         "outbound",
@@ -285,6 +292,7 @@ class Downstream(asyncio.Protocol):
         self.tunnel: Tunnel | None = None
         self.early: list[bytes] | None = None  # client bytes after an upgrade request
         self.error_after: tuple[int, str] | None = None  # refusal waiting behind earlier answers
+        self.lingering = 0.0  # when a lingering close began (see ``_close``); 0: not lingering
         # colorer-derived, refreshed when the lead swaps the colorer
         self.colorer: Colorer | None = None
         # (Placeholders, never written: ``_adopt`` runs before the first request's head.)
@@ -343,6 +351,7 @@ class Downstream(asyncio.Protocol):
         if cur is not None and self.early is None:
             # Stopped sending mid-request: it can never complete, so say so now rather
             # than at a timeout (after the answers to the requests ahead of it).
+            self.eof = True
             self._reject(400, "client closed its side before the request was complete")
             return True
         if self.queue:
@@ -521,6 +530,11 @@ class Downstream(asyncio.Protocol):
             if version not in _HTTP1:  # llhttp also takes 0.9 and 2.0 request lines
                 raise DownstreamProtocolError(f"HTTP/{version} is not served here", 505)
             ex.http11 = version == "1.1"
+            if not ex.http11 and (ex.chunked or (ex.extra and _UNFRAMED_MARK in ex.extra)):
+                # RFC 9112 section 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing. A
+                # 1.0 hop may not understand it, so where this body ends is in doubt (the
+                # makings of request smuggling): refused and closed, as nginx does.
+                raise DownstreamProtocolError("Transfer-Encoding in an HTTP/1.0 request")
         if method == b"CONNECT":
             ex.connect = True
         elif parser.should_upgrade():
@@ -627,7 +641,7 @@ class Downstream(asyncio.Protocol):
                     raise DownstreamProtocolError("CONNECT is not served on the inbound side", 405)
                 app = self.ctx.app
                 host, port = app.host, app.port
-                target, new_host = inbound_target(ex.url)
+                target, new_host = inbound_target(ex.method, ex.url)
                 color, reason = colorer.inbound(
                     ex.colors or (), ex.captured or _EMPTY, self.trusted
                 )
@@ -831,16 +845,17 @@ class Downstream(asyncio.Protocol):
     def _reject(self, status: int, text: str) -> None:
         """The client sent something unparseable or too big: 4xx and close after it."""
         ex = self.cur
-        self.cur = None
         queue = self.queue
         if not queue or queue[0] is ex:
             if ex is None:
                 ex = Request(perf_counter())
             ex.keep_alive = False
             ex.color = ex.color or self.ctx.colorer.pod_color
-            self._fail(ex, status, text)
+            self._fail(ex, status, text)  # closes, lingering while ``cur`` still arrives
+            self.cur = None
             self._close()
             return
+        self.cur = None
         # Requests ahead of it are still being answered: refuse it after them.
         if ex is None:
             ex = Request(perf_counter())  # it broke before its URL
@@ -872,9 +887,26 @@ class Downstream(asyncio.Protocol):
         )
 
     def _close(self) -> None:
+        """Close after what was written; lingeringly if the client is still sending.
+
+        Closing a socket with unread bytes makes the kernel send a reset, and a reset
+        can throw away the answer before the client has read it (a rejected upload
+        would see ``ECONNRESET`` instead of its 413). So while a request is still
+        arriving (``cur``), the answer goes out with a FIN, the rest of what the client
+        sends is read and dropped, and the socket closes once the client has finished,
+        gone quiet for ``LINGER_QUIET`` or lingered for ``LINGER_TIME`` (the sweeper).
+        """
         self.closing = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.shared.batch.close(self.transport)
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lingering:
+            return
+        if self.cur is None or self.eof or self.tunnel is not None:
+            self.shared.batch.close(transport)
+            return
+        self.lingering = self.since = self.loop.time()
+        self.rx = False
+        self.flow.resume(PEER_FULL | WAITING | QUEUED)  # nothing may hold the reading back
+        self.shared.batch.write_eof(transport)
 
     # ------------------------------------------------------------ upkeep
 
@@ -888,6 +920,8 @@ class Downstream(asyncio.Protocol):
         flows, so a slow drip of header bytes cannot keep a connection alive.
         """
         if self.closing:
+            if self.lingering:
+                self._sweep_linger(now)
             return
         rx = self.rx
         self.rx = False
@@ -922,6 +956,16 @@ class Downstream(asyncio.Protocol):
             if self.tunnel is not None:
                 self.tunnel.close()
             self._close()
+
+    def _sweep_linger(self, now: float) -> None:
+        """End a lingering close once the client went quiet or lingered too long."""
+        if self.rx:
+            self.rx = False
+            self.since = now
+        if now - self.since > LINGER_QUIET or now - self.lingering > LINGER_TIME:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                self.shared.batch.close(transport)
 
     def _sweep_busy(self, now: float, limit: float) -> None:
         """A request waits on its upstream: give up on one silent for ``limit`` seconds.

@@ -33,10 +33,13 @@ class Tunnel:
         self.eofs = 0
 
     def from_client(self, data: bytes) -> None:
+        # Activity either way keeps the downstream's idle clock at zero: an upload-only
+        # stream (a WebSocket that only sends, a CONNECT push) is as alive as a download.
+        self.down.rx = True
         self.batch.write(self.up.transport, data)  # type: ignore[arg-type]
 
     def from_upstream(self, data: bytes) -> None:
-        self.down.rx = True  # activity keeps the downstream's idle timer off
+        self.down.rx = True
         self.batch.write(self.down.transport, data)  # type: ignore[arg-type]
 
     def client_eof(self) -> bool:

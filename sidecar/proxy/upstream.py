@@ -325,6 +325,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.head_at = 0
         ex.code = code
         keep = self.keep = self.parser.should_keep_alive()  # type: ignore[union-attr]
+        if te is not None and keep and self.parser.get_http_version() == "1.0":  # type: ignore[union-attr]
+            # RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
+            # framing, so whatever llhttp made of it, the connection is not reused.
+            keep = self.keep = False
         self.eof_ends = False
         self.mode = 0
         down: Downstream = self.down  # type: ignore[assignment]
@@ -357,7 +361,10 @@ class UpstreamConnection(asyncio.Protocol):
         the body ends.
         """
         if code in (204, 304) or ex.method == b"HEAD":
-            if te is not None:
+            # Bodiless. RFC 9112 section 6.1: never Transfer-Encoding on a 204, nor to an
+            # HTTP/1.0 client; on a HEAD or 304 answer to HTTP/1.1 it may say what a GET
+            # would have been coded with.
+            if te is not None and code != 204 and ex.http11:
                 fields.extend((b"transfer-encoding: ", te, b"\r\n"))
         elif te is not None and is_chunked(te):
             if ex.http11:
@@ -367,8 +374,8 @@ class UpstreamConnection(asyncio.Protocol):
                 ex.keep_alive = False  # an HTTP/1.0 client reads the body up to the close
         elif not (self.keep or has_content_length(fields[1])):
             # Close-delimited: complete when the upstream closes, never reusable. A coding
-            # other than chunked (``te``, rare) stays named, or the client would take coded
-            # bytes for the content.
+            # other than chunked (``te``, rare) stays named to an HTTP/1.1 client, or it
+            # would take coded bytes for the content.
             self.eof_ends = True
             self.keep = False
             if ex.http11:
@@ -378,8 +385,8 @@ class UpstreamConnection(asyncio.Protocol):
                     fields.extend((b"transfer-encoding: ", te, b", chunked\r\n"))
                 self.mode = 1
             else:
-                if te is not None:
-                    fields.extend((b"transfer-encoding: ", te, b"\r\n"))
+                # No Transfer-Encoding to an HTTP/1.0 client (RFC 9112 section 6.1), as
+                # nginx: the body is passed as it came and ends with the connection.
                 ex.keep_alive = False
 
     def on_body(self, body: bytes) -> None:

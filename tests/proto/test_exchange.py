@@ -108,10 +108,30 @@ def test_outbound_target_rejects(url: bytes, host: bytes | None) -> None:
 
 
 def test_inbound_target_keeps_origin_form() -> None:
-    assert inbound_target(b"/a?b") == (b"/a?b", None)
-    assert inbound_target(b"http://x:1/a") == (b"/a", b"x:1")
+    assert inbound_target(b"GET", b"/a?b") == (b"/a?b", None)
+    assert inbound_target(b"GET", b"http://x:1/a") == (b"/a", b"x:1")
     with pytest.raises(DownstreamProtocolError):
-        inbound_target(b"nonsense")
+        inbound_target(b"GET", b"nonsense")
+
+
+@pytest.mark.parametrize(
+    "url", [b"http://user:pw@good.example/p", b"http:///p", b"http://[::1/p", b"http://h:99999/p"]
+)
+def test_inbound_absolute_form_authority_is_checked_like_outbound(url: bytes) -> None:
+    """The authority becomes the app's Host: what the outbound side refuses, so does this."""
+    for target in (lambda: inbound_target(b"GET", url), lambda: outbound_target(b"GET", url, None)):
+        with pytest.raises(DownstreamProtocolError) as exc:
+            target()
+        assert exc.value.status_hint == 400
+
+
+def test_options_with_an_empty_path_asks_about_the_server() -> None:
+    """RFC 9112 section 3.2.4: the last proxy sends ``OPTIONS *`` for an empty path."""
+    assert outbound_target(b"OPTIONS", b"http://h:81", None) == ("h", 81, b"*", b"h:81")
+    assert inbound_target(b"OPTIONS", b"http://h:81") == (b"*", b"h:81")
+    assert outbound_target(b"OPTIONS", b"http://h:81/", None)[2] == b"/"
+    assert outbound_target(b"OPTIONS", b"http://h:81?q", None)[2] == b"/?q"
+    assert outbound_target(b"GET", b"http://h:81", None)[2] == b"/"
 
 
 def test_hop_by_hop_set_and_connection_tokens() -> None:
