@@ -66,17 +66,12 @@ def config_from_args(args: argparse.Namespace) -> InjectConfig:
         data.update(loaded)
     config = InjectConfig.from_mapping(data)
     overrides = {}
-    for name in (
-        "image",
-        "default_color",
-        "policy_config_map",
-        "native_sidecar",
-        "proxy_env",
-        "kube_version",
-    ):
+    for name in ("image", "default_color", "policy_config_map", "native_sidecar", "proxy_env"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    if getattr(args, "kube_version", None):
+        overrides["kube_version"] = args.kube_version
     return dataclasses.replace(config, **overrides)
 
 

@@ -496,7 +496,7 @@ def test_node_agent_daemonset_has_the_host_network_and_three_capabilities() -> N
     )
     # The probes ask the port the agent's policy listens on.
     agent_policy = yaml.safe_load(cm["data"]["policy.yaml"])
-    port = int(agent_policy["admin"]["listen"].rsplit(":", 1)[1])
+    port = int(agent_policy["node"]["admin_listen"].rsplit(":", 1)[1])
     assert agent["ports"][0]["containerPort"] == port
     assert agent["readinessProbe"]["httpGet"]["port"] == agent["ports"][0]["name"]
     assert daemonset["spec"]["template"]["metadata"]["annotations"]["traffic-color.io/inject"] == (
