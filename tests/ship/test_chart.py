@@ -504,6 +504,23 @@ def test_node_agent_daemonset_has_the_host_network_and_three_capabilities() -> N
     )
 
 
+def test_node_agent_port_must_match_its_policy() -> None:
+    result = _helm(
+        "template",
+        "tc",
+        str(CHART),
+        "--set",
+        "nodeAgent.enabled=true",
+        "--set",
+        "nodeAgent.adminPort=15099",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert 'nodeAgent.adminPort 15099 does not match node.admin_listen "0.0.0.0:15091"' in (
+        result.stderr
+    )
+
+
 def test_node_agent_reads_the_colors_the_pods_set() -> None:
     """The node maps DSCP back to colors: its colors must be the sidecars' colors."""
     docs = render("default", "--set", "nodeAgent.enabled=true")
