@@ -235,6 +235,7 @@ class Downstream(asyncio.Protocol):
     """One client connection on the outbound or the inbound side."""
 
     __slots__ = (
+        "abrupt",
         "begun",
         "capture",
         "closed",
@@ -293,6 +294,7 @@ class Downstream(asyncio.Protocol):
         self.early: list[bytes] | None = None  # client bytes after an upgrade request
         self.error_after: tuple[int, str] | None = None  # refusal waiting behind earlier answers
         self.lingering = 0.0  # when a lingering close began (see ``_close``); 0: not lingering
+        self.abrupt = False  # close without lingering: our own timeouts, a broken response
         # colorer-derived, refreshed when the lead swaps the colorer
         self.colorer: Colorer | None = None
         # (Placeholders, never written: ``_adopt`` runs before the first request's head.)
@@ -642,6 +644,15 @@ class Downstream(asyncio.Protocol):
                 app = self.ctx.app
                 host, port = app.host, app.port
                 target, new_host = inbound_target(ex.method, ex.url)
+                if (
+                    new_host is None
+                    and ex.host is not None
+                    and ex.host not in self.shared.authorities
+                ):
+                    # The app gets the Host as sent: hold it to the rules the outbound side
+                    # applies (RFC 9112 section 3.2: an invalid Host is a 400); checked
+                    # once per value.
+                    self.shared.authority(ex.host)
                 color, reason = colorer.inbound(
                     ex.colors or (), ex.captured or _EMPTY, self.trusted
                 )
@@ -779,6 +790,9 @@ class Downstream(asyncio.Protocol):
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
         self._count(ex)
+        # No lingering: a client still uploading must see the failure (a reset), not a
+        # FIN that an HTTP/1.0 client would take for the end of a complete answer.
+        self.abrupt = True
         self._close()
 
     def retry(self, ex: Request) -> None:
@@ -900,13 +914,19 @@ class Downstream(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self.lingering:
             return
-        if self.cur is None or self.eof or self.tunnel is not None:
+        if self.abrupt or self.eof or self.tunnel is not None or not self._may_send():
             self.shared.batch.close(transport)
             return
         self.lingering = self.since = self.loop.time()
         self.rx = False
         self.flow.resume(PEER_FULL | WAITING | QUEUED)  # nothing may hold the reading back
         self.shared.batch.write_eof(transport)
+
+    def _may_send(self) -> bool:
+        """Whether the client may still be sending: a request arriving, pipelined ones
+        queued (read, or still in the kernel while ``QUEUED`` pauses reading), or bytes
+        after a refusal that were never parsed."""
+        return self.cur is not None or bool(self.queue) or self.error_after is not None
 
     # ------------------------------------------------------------ upkeep
 
@@ -945,6 +965,9 @@ class Downstream(asyncio.Protocol):
         limit = timeouts.header_read if phase == _HEAD else timeouts.idle
         if now - self.since <= limit:
             return
+        # The sweeper's own timeouts close at once: lingering would let a client that
+        # trickles bytes hold the connection for ``LINGER_TIME`` beyond its timeout.
+        self.abrupt = True
         if phase == _HEAD and cur is not None:
             log.debug("closing %s: request head not complete within %gs", self.peer, limit)
             self._reject(408, f"request head not received within {limit:g}s")

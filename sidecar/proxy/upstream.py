@@ -384,9 +384,15 @@ class UpstreamConnection(asyncio.Protocol):
                 else:
                     fields.extend((b"transfer-encoding: ", te, b", chunked\r\n"))
                 self.mode = 1
+            elif te is not None:
+                # A coding other than chunked cannot be named to an HTTP/1.0 client (RFC
+                # 9112 section 6.1), and without its name the coded bytes would pass for
+                # the content: refused (502), as HAProxy does, rather than corrupted.
+                ex.code = 0
+                raise UpstreamProtocolError(
+                    "Transfer-Encoding other than chunked cannot reach an HTTP/1.0 client"
+                )
             else:
-                # No Transfer-Encoding to an HTTP/1.0 client (RFC 9112 section 6.1), as
-                # nginx: the body is passed as it came and ends with the connection.
                 ex.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
