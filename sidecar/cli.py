@@ -152,12 +152,6 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.admin, as_json=args.json)
 
 
-def _wait_ready(args: argparse.Namespace) -> int:
-    from sidecar.admin.wait import wait_ready
-
-    return wait_ready(args.admin, args.timeout)
-
-
 def _doctor(args: argparse.Namespace) -> int:
     from sidecar.datapath.doctor import format_doctor, run_doctor
     from sidecar.runtime import load_policy
@@ -172,6 +166,12 @@ def _demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import run_demo
 
     return run_demo(args)
+
+
+def _wait_ready(args: argparse.Namespace) -> int:
+    from sidecar.admin.wait import wait_ready
+
+    return wait_ready(args.admin, args.timeout)
 
 
 def _inject(args: argparse.Namespace) -> int:
