@@ -15,10 +15,8 @@ import dataclasses
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,17 +59,6 @@ def netns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@pytest.fixture
-def volume() -> Iterator[Path]:
-    """The ConfigMap volume: a directory any uid can read, as the kubelet mounts it."""
-    path = Path(tempfile.mkdtemp(prefix="tc16k-policy-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _pod(color: str = "canary") -> dict[str, Any]:
@@ -130,14 +117,17 @@ def _image_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "sidecar", *argv]
 
 
-def _get(netns: str, container: dict[str, Any], probe: dict[str, Any]) -> int:
+def _get(
+    netns: str, container: dict[str, Any], probe: dict[str, Any], host: str = "198.18.99.2"
+) -> int:
+    """What the kubelet's httpGet probe gets: the pod's address, the port the probe names."""
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     get = probe["httpGet"]
     port = ports.get(get["port"], get["port"])
     result = subprocess.run(
         [
             *("ip", "netns", "exec", netns, "curl", "-s", "-o", "/dev/null"),
-            *("-w", "%{http_code}", "--max-time", "2", f"http://198.18.99.2:{port}{get['path']}"),
+            *("-w", "%{http_code}", "--max-time", "2", f"http://{host}:{port}{get['path']}"),
         ],
         capture_output=True,
         text=True,
