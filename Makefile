@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := python3-bpfcc libbpfcc libbpf1 linux-headers-amd64 iproute2 nginx-light wrk curl gcc
+APT_PACKAGES := python3-bpfcc libbpfcc libbpf1 linux-headers-amd64 iproute2 nginx-light wrk curl gcc \
+	nftables python3-nftables dnsmasq-base
 KREL := $(shell uname -r)
 
 .PHONY: install demo test test-unit test-root bench lint image clean
@@ -24,9 +25,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	@# Debian's bcc is pure Python over ctypes: link just that module into the venv.
+	@# Debian's bcc and nftables are pure Python over ctypes: link just those modules into the venv.
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	if [ -d /usr/lib/python3/dist-packages/bcc ]; then ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc; fi
+	if [ -d /usr/lib/python3/dist-packages/bcc ]; then ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc; fi; \
+	if [ -d /usr/lib/python3/dist-packages/nftables ]; then ln -sfn /usr/lib/python3/dist-packages/nftables $$site/nftables; fi
 	touch $(STAMP)
 
 # BCC needs /lib/modules/$(uname -r)/build; Debian's linux-headers-amd64 works

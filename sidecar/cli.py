@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check what the kernel data path needs on this host")
     doctor.add_argument("--policy", default=os.environ.get(POLICY_ENV))
 
+    capture = sub.add_parser(
+        "capture", help="install, remove or show the nftables capture table (inet traffic_color)"
+    )
+    capture.add_argument("action", choices=("install", "remove", "show"))
+    capture.add_argument("--policy", default=os.environ.get(POLICY_ENV))
+    capture.add_argument(
+        "--dry-run", action="store_true", help="print the JSON ruleset; touch nothing"
+    )
+
     demo = sub.add_parser("demo", help="colored requests taking different paths, in namespaces")
     demo.add_argument(
         "--keep", action="store_true", help="leave the topology up until Enter is pressed"
@@ -162,6 +171,51 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def _capture(args: argparse.Namespace) -> int:
+    import json
+
+    from sidecar.datapath import capture
+    from sidecar.errors import DatapathError, PolicyError
+    from sidecar.runtime import capture_ports, load_policy
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc.format(), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.policy}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 1
+    if args.action == "install":
+        ports = capture_ports(policy)
+        if isinstance(ports, str):
+            print(f"capture: {ports}", file=sys.stderr)
+            return 1
+        cmd = capture.ruleset(policy.capture, ports)
+    elif args.action == "remove":
+        cmd = capture.removal()
+    else:
+        cmd = capture.listing()
+    if args.dry_run:
+        print(json.dumps(cmd, indent=2))
+        return 0
+    try:
+        if args.action == "show":
+            table = capture.table_present()
+            if table is None:
+                print(f"capture: table {capture.FAMILY} {capture.TABLE} is not installed")
+                return 1
+            print(json.dumps(table, indent=2))
+            return 0
+        capture.run_nft(cmd)
+    except DatapathError as exc:
+        print(f"capture {args.action} failed: {exc}", file=sys.stderr)
+        return 1
+    done = "installed" if args.action == "install" else "removed"
+    print(f"capture: table {capture.FAMILY} {capture.TABLE} {done}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import run_demo
 
@@ -192,6 +246,7 @@ COMMANDS = {
     "status": _status,
     "wait-ready": _wait_ready,
     "doctor": _doctor,
+    "capture": _capture,
     "demo": _demo,
     "inject": _inject,
     "webhook": _webhook,

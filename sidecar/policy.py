@@ -24,6 +24,10 @@ COLOR_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}\Z")
 # RFC 9110 token, lower-case only: header names are compared lower-cased.
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# A DNS name (lower-case labels) or an IP literal: an ``outbound.routes`` host or lane.
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DNS_NAME_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\Z")
+FALLBACKS = ("stable", "fail")  # what an empty lane does: the original destination, or 503
 MAX_COLORS = 63  # color ids 1..63; 0 means "no color" in the kernel's tables
 RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
 # Flows a pod's sidecar tracks at once. The two preallocated LRU maps lock about
@@ -31,6 +35,14 @@ RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
 # the pod's memory cgroup: see charts/traffic-color/README.md ("Resources").
 DEFAULT_FLOW_TABLE_SIZE = 4096
 DEFAULT_RULE_PRIORITY = 10000
+# Server-first protocols (SMTP, submission, MySQL, Galera, PostgreSQL, Redis,
+# Elasticsearch transport, memcached): the client waits for the server, so
+# captured connections to these ports skip protocol detection (Linkerd's list).
+DEFAULT_OPAQUE_PORTS = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
+DEFAULT_OWNER_UID = 1337
+# SO_MARK bit on the sidecar's own upstream sockets: capture never redirects them,
+# whatever uid the sidecar runs as. Setting it needs CAP_NET_ADMIN, which apps lack.
+DEFAULT_OWN_MARK = 0x13370000
 
 DEFAULT_POLICY_TEXT = """\
 version: 1
@@ -126,6 +138,7 @@ class Timeouts:
     upstream_idle: float = 30.0
     upstream_read: float = 60.0
     drain: float = 10.0
+    lane_connect: float = 0.5  # a lane host that does not answer within it is empty
 
 
 @dataclass(frozen=True)
@@ -165,6 +178,45 @@ class Datapath:
 
 
 @dataclass(frozen=True)
+class LaneRoute:
+    """``outbound.routes[]``: requests to ``host`` whose color has a lane go to its host.
+
+    ``host`` is a Service name, optionally with its namespace (``reviews``,
+    ``reviews.shop``); a lane is an ``Address`` whose port 0 means "the request's".
+    """
+
+    line: int
+    host: str
+    lanes: dict[str, Address]
+    fallback: str = "stable"  # one of FALLBACKS
+
+
+@dataclass(frozen=True)
+class CaptureOutbound:
+    exclude_ports: tuple[int, ...] = ()
+    include_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # () = all
+    exclude_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class CaptureInbound:
+    exclude_ports: tuple[int, ...] = ()  # the admin and listener ports are always excluded
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Transparent capture (nftables table ``inet traffic_color``) and protocol detection."""
+
+    enabled: bool = False
+    owner_uid: int = DEFAULT_OWNER_UID
+    own_mark: int = DEFAULT_OWN_MARK
+    detect_timeout: float = 5.0  # seconds of client silence before a flow is relayed opaque
+    opaque_ports: tuple[int, ...] = DEFAULT_OPAQUE_PORTS
+    outbound: CaptureOutbound = field(default_factory=CaptureOutbound)
+    inbound: CaptureInbound = field(default_factory=CaptureInbound)
+
+
+@dataclass(frozen=True)
 class Policy:
     version: int
     header: str
@@ -178,6 +230,10 @@ class Policy:
     datapath: Datapath
     digest: str  # sha256 of the source text, first 16 hex digits
     source: str = "<default>"
+    routes: tuple[LaneRoute, ...] = ()  # outbound.routes, in file order
+    cluster_domain: str = "cluster.local"  # outbound.cluster_domain
+    baggage_key: str | None = None  # baggage.key: the W3C Baggage member with the color
+    capture: Capture = field(default_factory=Capture)
 
     def color_by_id(self) -> dict[int, Color]:
         return {c.id: c for c in self.colors.values()}
@@ -334,6 +390,8 @@ _TOP = {
     "admin",
     "timeouts",
     "datapath",
+    "baggage",
+    "capture",
 }
 
 
@@ -377,10 +435,14 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         ck.err(node, f"default_color: '{default_color}' is not defined under colors")
 
     inbound = _inbound(ck, top.get("inbound"), colors)
-    outbound_listen = _listen_section(ck, top.get("outbound"), "outbound", "127.0.0.1:15001")
+    outbound_listen, routes, cluster_domain = _outbound(
+        ck, top.get("outbound"), colors, default_color
+    )
     admin_listen = _listen_section(ck, top.get("admin"), "admin", "0.0.0.0:15090")
     timeouts = _timeouts(ck, top.get("timeouts"))
     datapath = _datapath(ck, top.get("datapath"), colors)
+    baggage_key = _baggage(ck, top.get("baggage"))
+    capture = _capture(ck, top.get("capture"), mark_mask)
 
     if ck.issues:
         raise PolicyError(source, ck.issues)
@@ -397,6 +459,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         datapath=datapath,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         source=source,
+        routes=routes,
+        cluster_domain=cluster_domain,
+        baggage_key=baggage_key,
+        capture=capture,
     )
 
 
@@ -477,6 +543,126 @@ def _listen_section(ck: _Checker, entry: Any, what: str, default: str) -> Addres
     return ck.address(fields["listen"][1], f"{what}.listen") or fallback
 
 
+def _outbound(
+    ck: _Checker, entry: Any, colors: dict[str, Color], default_color: str
+) -> tuple[Address, tuple[LaneRoute, ...], str]:
+    """``outbound``: listen address, lane routes and the cluster domain their hosts use."""
+    listen = parse_address("127.0.0.1:15001")
+    assert listen is not None
+    if entry is None:
+        return listen, (), "cluster.local"
+    fields = ck.mapping(entry[1], "outbound", {"listen", "routes", "cluster_domain"})
+    if "listen" in fields:
+        listen = ck.address(fields["listen"][1], "outbound.listen") or listen
+    domain = "cluster.local"
+    if "cluster_domain" in fields:
+        node = fields["cluster_domain"][1]
+        text = ck.string(node, "outbound.cluster_domain")
+        if text is not None and DNS_NAME_RE.match(text.lower().rstrip(".")):
+            domain = text.lower().rstrip(".")
+        elif text is not None:
+            ck.err(node, f"outbound.cluster_domain: '{text}' is not a DNS domain")
+    routes: list[LaneRoute] = []
+    seen: dict[str, int] = {}
+    if "routes" in fields:
+        for i, node in enumerate(ck.sequence(fields["routes"][1], "outbound.routes")):
+            route = _lane_route(ck, node, f"outbound.routes[{i}]", colors, default_color)
+            if route is None:
+                continue
+            if route.host in seen:
+                ck.err(
+                    node,
+                    f"outbound.routes[{i}].host: '{route.host}' already has a route "
+                    f"(line {seen[route.host]})",
+                )
+                continue
+            seen[route.host] = route.line
+            routes.append(route)
+    return listen, tuple(routes), domain
+
+
+def _lane_route(
+    ck: _Checker, node: yaml.Node, where: str, colors: dict[str, Color], default_color: str
+) -> LaneRoute | None:
+    fields = ck.mapping(node, where, {"host", "lanes", "fallback"})
+    if "host" not in fields or "lanes" not in fields:
+        if isinstance(node, yaml.MappingNode):
+            ck.err(node, f"{where}: a route needs 'host' and 'lanes'")
+        return None
+    host = ck.string(fields["host"][1], f"{where}.host")
+    if host is not None:
+        host = host.lower().rstrip(".")
+        if not DNS_NAME_RE.match(host) or ":" in host:
+            ck.err(fields["host"][1], f"{where}.host: '{host}' is not a service name (no port)")
+            host = None
+    fallback = "stable"
+    if "fallback" in fields:
+        value = ck.string(fields["fallback"][1], f"{where}.fallback")
+        if value is not None and value not in FALLBACKS:
+            ck.err(fields["fallback"][1], f"{where}.fallback: '{value}' must be stable or fail")
+        elif value is not None:
+            fallback = value
+    lanes: dict[str, Address] = {}
+    for name, (knode, vnode) in ck.mapping(fields["lanes"][1], f"{where}.lanes", set()).items():
+        color = _known_color(ck, knode, f"{where}.lanes", colors)
+        if color is None:
+            continue
+        if color == default_color:
+            ck.err(
+                knode,
+                f"{where}.lanes.{name}: the default color '{default_color}' never enters a lane",
+            )
+            continue
+        text = ck.string(vnode, f"{where}.lanes.{name}")
+        lane = parse_lane(text) if text is not None else None
+        if lane is None:
+            if text is not None:
+                ck.err(vnode, f"{where}.lanes.{name}: '{text}' is not HOST or HOST:PORT")
+            continue
+        lanes[color] = lane
+    if host is None:
+        return None
+    return LaneRoute(node.start_mark.line + 1, host, lanes, fallback)
+
+
+def parse_lane(text: str) -> Address | None:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> Address (port 0: the request's)."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return None
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            return None
+        port = int(rest[1:]) if rest else 0
+        return Address(inner, port) if port < 65536 else None
+    host, sep, port_text = text.partition(":")
+    if sep and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+        return None
+    host = host.rstrip(".")
+    if not DNS_NAME_RE.match(host):
+        return None
+    return Address(host, int(port_text) if sep else 0)
+
+
+def _baggage(ck: _Checker, entry: Any) -> str | None:
+    """``baggage.key``: the member carrying the color; an absent section turns baggage off."""
+    if entry is None:
+        return None
+    fields = ck.mapping(entry[1], "baggage", {"key"})
+    if "key" not in fields:
+        if isinstance(entry[1], yaml.MappingNode):
+            ck.err(entry[1], "baggage: 'key' is required (the member that carries the color)")
+        return None
+    key = ck.string(fields["key"][1], "baggage.key")
+    if key is not None and not COOKIE_NAME_RE.match(key):
+        ck.err(fields["key"][1], f"baggage.key: '{key}' is not a token (RFC 9110)")
+        return None
+    return key
+
+
 def _timeouts(ck: _Checker, entry: Any) -> Timeouts:
     if entry is None:
         return Timeouts()
@@ -504,23 +690,16 @@ def _inbound(ck: _Checker, entry: Any, colors: dict[str, Color]) -> Inbound:
     if "trust_header" in fields:
         value = ck.boolean(fields["trust_header"][1], "inbound.trust_header")
         trust = True if value is None else value
-    sources = []
+    sources: tuple = ()
     if "trusted_sources" in fields:
-        for node in ck.sequence(fields["trusted_sources"][1], "inbound.trusted_sources"):
-            text = ck.string(node, "inbound.trusted_sources[]")
-            if text is None:
-                continue
-            try:
-                sources.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                ck.err(node, f"inbound.trusted_sources: '{text}' is not a CIDR")
+        sources = _cidrs(ck, fields["trusted_sources"][1], "inbound.trusted_sources")
     rules = []
     if "rules" in fields:
         for i, node in enumerate(ck.sequence(fields["rules"][1], "inbound.rules")):
             rule = _rule(ck, node, f"inbound.rules[{i}]", colors)
             if rule is not None:
                 rules.append(rule)
-    return Inbound(listen, app, trust, tuple(sources), tuple(rules))
+    return Inbound(listen, app, trust, sources, tuple(rules))
 
 
 def _name_value(
@@ -762,3 +941,96 @@ def _route(ck: _Checker, node: yaml.Node, where: str) -> Route | None:
             return None
     dev = ck.string(rf["dev"][1], f"{where}.dev") if "dev" in rf else None
     return Route(dst, via, dev)
+
+
+def _capture(ck: _Checker, entry: Any, mark_mask: int) -> Capture:
+    if entry is None:
+        return Capture()
+    allowed = {
+        "enabled",
+        "owner_uid",
+        "own_mark",
+        "detect_timeout",
+        "opaque_ports",
+        "outbound",
+        "inbound",
+    }
+    fields = ck.mapping(entry[1], "capture", allowed)
+    values: dict[str, Any] = {}
+    if "enabled" in fields:
+        values["enabled"] = bool(ck.boolean(fields["enabled"][1], "capture.enabled"))
+    if "owner_uid" in fields:
+        uid = ck.integer(fields["owner_uid"][1], "capture.owner_uid", 1, 0xFFFFFFFE)
+        if uid is not None:
+            values["owner_uid"] = uid
+    if "own_mark" in fields:
+        mnode = fields["own_mark"][1]
+        mark = ck.integer(mnode, "capture.own_mark", 1, 0xFFFFFFFF)
+        if mark is not None and mark & mark_mask:
+            ck.err(
+                mnode,
+                f"capture.own_mark: {mark:#x} shares bits with mark_mask {mark_mask:#x} "
+                "(the colors' marks)",
+            )
+        elif mark is not None:
+            values["own_mark"] = mark
+    if "own_mark" not in fields and values.get("enabled") and DEFAULT_OWN_MARK & mark_mask:
+        ck.err(
+            entry[0],
+            f"capture: mark_mask {mark_mask:#x} covers the default own_mark "
+            f"{DEFAULT_OWN_MARK:#x}; set capture.own_mark to bits outside it",
+        )
+    if "detect_timeout" in fields:
+        t = ck.number(fields["detect_timeout"][1], "capture.detect_timeout")
+        if t is not None:
+            values["detect_timeout"] = t
+    if "opaque_ports" in fields:
+        values["opaque_ports"] = _ports(ck, fields["opaque_ports"][1], "capture.opaque_ports")
+    if "outbound" in fields:
+        of = ck.mapping(
+            fields["outbound"][1],
+            "capture.outbound",
+            {"exclude_ports", "include_cidrs", "exclude_cidrs"},
+        )
+        out: dict[str, Any] = {}
+        if "exclude_ports" in of:
+            out["exclude_ports"] = _ports(
+                ck, of["exclude_ports"][1], "capture.outbound.exclude_ports"
+            )
+        for key in ("include_cidrs", "exclude_cidrs"):
+            if key in of:
+                out[key] = _cidrs(ck, of[key][1], f"capture.outbound.{key}")
+        values["outbound"] = CaptureOutbound(**out)
+    if "inbound" in fields:
+        inf = ck.mapping(fields["inbound"][1], "capture.inbound", {"exclude_ports"})
+        ports = (
+            _ports(ck, inf["exclude_ports"][1], "capture.inbound.exclude_ports")
+            if "exclude_ports" in inf
+            else ()
+        )
+        values["inbound"] = CaptureInbound(ports)
+    return Capture(**values)
+
+
+def _ports(ck: _Checker, node: yaml.Node, where: str) -> tuple[int, ...]:
+    ports: list[int] = []
+    for item in ck.sequence(node, where):
+        port = ck.integer(item, f"{where}[]", 1, 65535)
+        if port is not None and port not in ports:
+            ports.append(port)
+    return tuple(ports)
+
+
+def _cidrs(
+    ck: _Checker, node: yaml.Node, where: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in ck.sequence(node, where):
+        text = ck.string(item, f"{where}[]")
+        if text is None:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            ck.err(item, f"{where}: '{text}' is not a CIDR")
+    return tuple(nets)

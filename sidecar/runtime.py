@@ -16,12 +16,16 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sidecar.admin.metrics import KernelCollector, KernelSnapshot, ProxyMetrics
 from sidecar.coloring import Colorer
 from sidecar.errors import DatapathError, PolicyError
 from sidecar.memtrim import give_back_free_memory
 from sidecar.policy import Policy, check_pod_color, default_policy, parse_policy
+
+if TYPE_CHECKING:
+    from sidecar.datapath.capture import Ports
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,28 @@ def load_policy(path: str | None) -> Policy:
         return default_policy()
     with open(path, encoding="utf-8") as fh:
         return parse_policy(fh.read(), path)
+
+
+def capture_ports(policy: Policy) -> Ports | str:
+    """The ports the capture rules name, or why the policy cannot be captured."""
+    from sidecar.datapath.capture import Ports
+
+    ports = Ports(policy.outbound_listen.port, policy.inbound.listen.port, policy.admin_listen.port)
+    if 0 in (ports.outbound, ports.inbound, ports.admin):
+        return "outbound, inbound and admin listen addresses need fixed ports (not 0)"
+    return ports
+
+
+def own_mark_settable(mark: int) -> bool:
+    """Whether this process may put ``mark`` on its sockets (SO_MARK needs CAP_NET_ADMIN)."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        except OSError:
+            return False
+    return True
 
 
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
@@ -65,21 +91,36 @@ class Sidecar:
         self.policy_path = policy_path
         self.metrics = ProxyMetrics()
         self.metrics.registry.register(KernelCollector(self._kernel_snapshot))
+        self.metrics.known_colors(policy.colors)
         self.ctx = ProxyContext(
             colorer=Colorer(policy, pod_color),
             metrics=self.metrics,
             timeouts=policy.timeouts,
             app=policy.inbound.app,
         )
+        self._resolver = None  # the lanes' resolver cache, made with the first route
+        self.ctx.lanes = self._lanes(policy)
         self.proxy = Proxy(self.ctx)
         self.datapath = None  # DatapathManager once attached
         self.dp_state = DatapathState(policy.datapath.enabled, policy.datapath.required)
+        self.capture_ports: Ports | None = None  # set while our nftables table is installed
         self.started_at = time.time()
         self.ready_at: float | None = None
         self.listening = False
         self.stopping = False
         self._admin = None
         self._reload_lock = asyncio.Lock()
+
+    def _lanes(self, policy: Policy):
+        """The lane router of ``policy``, or None when it defines no route (no lookups)."""
+        if not policy.routes:
+            return None
+        from sidecar.proxy.lanerouter import LaneRouter
+        from sidecar.proxy.resolver import ResolverCache
+
+        if self._resolver is None:
+            self._resolver = ResolverCache(on_lookup=self.metrics.lane_lookup)
+        return LaneRouter(policy, self._resolver, self.metrics)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -91,8 +132,11 @@ class Sidecar:
         await self._admin.start(self.policy.admin_listen)
         if self.policy.datapath.enabled:
             await self._start_datapath(self.policy)
+        self._prepare_capture(self.policy)
         await self.proxy.start(self.policy.outbound_listen, self.policy.inbound.listen)
         self.listening = True
+        if self.policy.capture.enabled:
+            await self._install_capture(self.policy)
         self.ready_at = time.time()
         give_back_free_memory()  # what imports and the data path's hand-off left free
         log.info(
@@ -124,6 +168,52 @@ class Sidecar:
         self.datapath = manager
         self.ctx.hooks = manager
 
+    def _prepare_capture(self, policy: Policy) -> None:
+        """Keep our own upstream connections out of any capture table, then let the proxy
+        look up original destinations.
+
+        Also with ``capture.enabled: false``: an init container may have installed the
+        table (``traffic-color capture install``), and a connection it redirected must be
+        served as captured, and our sockets marked when we may. Raises ``DatapathError``
+        when our own connections would loop back through a table we install.
+        """
+        cap = policy.capture
+        if own_mark_settable(cap.own_mark):
+            self.ctx.own_mark = cap.own_mark
+        elif cap.enabled and os.geteuid() != cap.owner_uid:
+            raise DatapathError(
+                "capture",
+                f"cannot mark our sockets (SO_MARK needs CAP_NET_ADMIN) and not running as "
+                f"capture.owner_uid {cap.owner_uid} (uid {os.geteuid()}): our own upstream "
+                "connections would be captured again",
+            )
+        else:
+            self.ctx.own_mark = 0  # the uid rule keeps our connections out
+        self.ctx.capture = cap
+
+    async def _install_capture(self, policy: Policy) -> None:
+        """Our nftables table for the ports we listen on (a crashed run's table is replaced)."""
+        from sidecar.datapath import capture
+
+        ports = capture.Ports(
+            self.proxy.addresses["outbound"][1],
+            self.proxy.addresses["inbound"][1],
+            self.admin_address[1],  # type: ignore[index]
+        )
+        await asyncio.to_thread(capture.install, policy.capture, ports, True)
+        self.capture_ports = ports
+
+    async def _remove_capture(self) -> None:
+        from sidecar.datapath import capture
+
+        if self.capture_ports is None:
+            return
+        self.capture_ports = None
+        try:
+            await asyncio.to_thread(capture.remove, True)
+        except DatapathError as exc:
+            log.error("could not remove the capture table: %s", exc)
+
     async def stop(self) -> None:
         """Drain in-flight requests up to the policy's deadline, then remove kernel objects."""
         if self.stopping:
@@ -133,6 +223,7 @@ class Sidecar:
         if self.listening:
             await self.proxy.drain(self.policy.timeouts.drain)
             self.listening = False
+        await self._remove_capture()
         if self.datapath is not None:
             self.ctx.hooks = None
             manager, self.datapath = self.datapath, None
@@ -198,7 +289,18 @@ class Sidecar:
             dp_new.required,
             self.dp_state.error if dp_new.enabled and self.datapath is None else None,
         )
+        if policy.capture != old.capture and self.listening:
+            try:
+                self._prepare_capture(policy)
+                if policy.capture.enabled:
+                    await self._install_capture(policy)
+                else:
+                    await self._remove_capture()
+            except DatapathError as exc:
+                log.error("capture reload failed, previous table kept: %s", exc)
+        self.metrics.known_colors(policy.colors)
         self.ctx.colorer = Colorer(policy, self.pod_color)
+        self.ctx.lanes = self._lanes(policy)
         self.ctx.timeouts = policy.timeouts
         self.ctx.app = policy.inbound.app
         self.policy = policy
@@ -226,6 +328,8 @@ class Sidecar:
             return False, "stopping"
         if not self.listening:
             return False, "listeners not up"
+        if self.policy.capture.enabled and self.capture_ports is None:
+            return False, "capture table not installed"
         if self.dp_state.enabled and self.dp_state.required and self.datapath is None:
             return False, f"data path required but not attached: {self.dp_state.error}"
         return True, "ready"
@@ -271,6 +375,7 @@ class Sidecar:
                     **({"admin": self.admin_address} if self.admin_address else {}),
                 }.items()
             },
+            "lanes": self.ctx.lanes.status() if self.ctx.lanes is not None else [],
             "open_flows": self.proxy.open_flows(),
             "parked_flows": self.proxy.parked_flows(),
             "datapath": {
@@ -280,6 +385,10 @@ class Sidecar:
                 "error": self.dp_state.error,
             },
             "process": process_info(self.started_at, self.ready_at),
+            "capture": {
+                "enabled": p.capture.enabled,
+                "installed": self.capture_ports is not None,
+            },
         }
         if self.datapath is not None:
             out["datapath"].update(self.datapath.status())
@@ -317,7 +426,10 @@ async def serve(sidecar: Sidecar) -> int:
     try:
         await sidecar.start()
     except DatapathError as exc:
-        log.error("kernel data path is required (datapath.required: true) and failed: %s", exc)
+        if exc.step == "capture":
+            log.error("capture is enabled and could not be set up: %s", exc)
+        else:
+            log.error("kernel data path is required (datapath.required: true) and failed: %s", exc)
         await sidecar.stop()
         return 1
     except OSError as exc:

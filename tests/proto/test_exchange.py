@@ -7,7 +7,7 @@ from http.client import HTTPResponse
 import pytest
 
 from sidecar.errors import DownstreamProtocolError
-from sidecar.proxy.exchange import (
+from sidecar.proxy.http1.exchange import (
     HOP_BY_HOP,
     chunk,
     connect_target,

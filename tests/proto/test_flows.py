@@ -8,7 +8,8 @@ import json
 import pytest
 import requests
 
-from sidecar.proxy import Proxy, upstream
+from sidecar.proxy import Proxy
+from sidecar.proxy import pool as pooling
 from tests.proto.backend import Backend
 from tests.proto.conftest import (
     Conn,
@@ -251,7 +252,7 @@ async def test_upstreams_no_longer_used_leave_no_pool_entries(
 async def test_idle_connections_beyond_the_hot_tier_park_and_close_when_the_upstream_does(
     make_proxy: MakeProxy, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(upstream, "HOT_IDLE_PER_KEY", 1)
+    monkeypatch.setattr(pooling, "HOT_IDLE_PER_KEY", 1)
     hooks = RecordingHooks()
     proxy = await make_proxy(hooks=hooks)
     pool = proxy._shared.pool  # type: ignore[union-attr]
@@ -276,7 +277,7 @@ async def test_idle_connections_beyond_the_hot_tier_park_and_close_when_the_upst
 async def test_drain_closes_parked_connections(
     make_proxy: MakeProxy, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(upstream, "HOT_IDLE_PER_KEY", 0)  # every idle connection parks
+    monkeypatch.setattr(pooling, "HOT_IDLE_PER_KEY", 0)  # every idle connection parks
     hooks = RecordingHooks()
     proxy = await make_proxy(hooks=hooks)
     conn = await Conn.open(port(proxy))
