@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument(
         "--dry-run", action="store_true", help="print the JSON ruleset; touch nothing"
     )
+    from sidecar.inject.capture_flags import add_flags as add_capture_flags
+
+    add_capture_flags(capture)  # a pod's lists, written by injection
 
     demo = sub.add_parser("demo", help="colored requests taking different paths, in namespaces")
     demo.add_argument(
@@ -187,6 +190,13 @@ def _capture(args: argparse.Namespace) -> int:
         print(f"{args.policy}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
     if args.action == "install":
+        from sidecar.inject.capture_flags import policy_with_flags
+
+        try:
+            policy = policy_with_flags(policy, args)
+        except ValueError as exc:
+            print(f"capture: {exc}", file=sys.stderr)
+            return 2
         ports = capture_ports(policy)
         if isinstance(ports, str):
             print(f"capture: {ports}", file=sys.stderr)
