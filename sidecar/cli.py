@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    wait = sub.add_parser("wait-ready", help="wait until a sidecar's /readyz answers 200")
+    wait.add_argument(
+        "--admin",
+        default=os.environ.get("TRAFFIC_COLOR_ADMIN", "http://127.0.0.1:15090"),
+        help="admin base URL (default http://127.0.0.1:15090)",
+    )
+    wait.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
+
     doctor = sub.add_parser("doctor", help="check what the kernel data path needs on this host")
     doctor.add_argument("--policy", default=os.environ.get(POLICY_ENV))
     doctor.add_argument(
@@ -111,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument(
         "--dry-run", action="store_true", help="print the JSON ruleset; touch nothing"
     )
+    from sidecar.inject.capture_flags import add_flags as add_capture_flags
+
+    add_capture_flags(capture)  # a pod's lists, written by injection
 
     node = sub.add_parser(
         "node", help="run the node agent: route pods' flows by the color their DSCP carries"
@@ -263,6 +274,13 @@ def _capture(args: argparse.Namespace) -> int:
     if policy is None:
         return 1
     if args.action == "install":
+        from sidecar.inject.capture_flags import policy_with_flags
+
+        try:
+            policy = policy_with_flags(policy, args)
+        except ValueError as exc:
+            print(f"capture: {exc}", file=sys.stderr)
+            return 2
         ports = capture_ports(policy)
         if isinstance(ports, str):
             print(f"capture: {ports}", file=sys.stderr)
@@ -298,6 +316,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _wait_ready(args: argparse.Namespace) -> int:
+    from sidecar.admin.wait import wait_ready
+
+    return wait_ready(args.admin, args.timeout)
+
+
 def _inject(args: argparse.Namespace) -> int:
     from sidecar.inject.cli import run_inject
 
@@ -320,6 +344,7 @@ COMMANDS = {
     "run": _run,
     "check": _check,
     "status": _status,
+    "wait-ready": _wait_ready,
     "doctor": _doctor,
     "analyze": _analyze,
     "capture": _capture,

@@ -30,7 +30,10 @@ DNS_NAME_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\Z")
 FALLBACKS = ("stable", "fail")  # what an empty lane does: the original destination, or 503
 MAX_COLORS = 63  # color ids 1..63; 0 means "no color" in the kernel's tables
 RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
-DEFAULT_FLOW_TABLE_SIZE = 65536
+# Flows a pod's sidecar tracks at once. The two preallocated LRU maps lock about
+# 0.39 KiB of kernel memory per flow (1.6 MiB here; 25 MiB at 65536), charged to
+# the pod's memory cgroup: see charts/traffic-color/README.md ("Resources").
+DEFAULT_FLOW_TABLE_SIZE = 4096
 DEFAULT_RULE_PRIORITY = 10000
 # Server-first protocols (SMTP, submission, MySQL, Galera, PostgreSQL, Redis,
 # Elasticsearch transport, memcached): the client waits for the server, so

@@ -26,9 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 
-from sidecar.inject.mutation import InjectConfig, inject_pod, json_patch
+from sidecar import __version__
+from sidecar.inject.mutation import AnnotationError, InjectConfig, inject_pod, json_patch
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +54,12 @@ class ReviewError(ValueError):
 def review_response(review: Any, config: InjectConfig) -> tuple[dict[str, Any], str]:
     """Answer one AdmissionReview; return ``(response review, outcome)``.
 
-    Outcome is ``injected``, ``skipped`` or ``error``. The pod is always
-    allowed: this webhook adds a sidecar, it never vetoes a pod, so even a bug
-    in the mutation lets the pod through unmodified, with a warning.
+    Outcome is ``injected``, ``skipped``, ``denied`` or ``error``. A bug in the
+    mutation lets the pod through unmodified, with a warning: this webhook adds a
+    sidecar and must not stop a namespace on its own fault. The one veto is a
+    traffic-color.io annotation the pod sets and that cannot be honoured (a
+    resource quantity, a port, a CIDR): starting that pod with defaults would
+    hide the mistake, so it is refused with the annotation and the reason.
     """
     if not isinstance(review, Mapping) or review.get("kind") != "AdmissionReview":
         raise ReviewError("expected an AdmissionReview object")
@@ -71,6 +81,15 @@ def review_response(review: Any, config: InjectConfig) -> tuple[dict[str, Any], 
         where = f"{request.get('namespace')}/{meta.get('name') or meta.get('generateName')}"
         try:
             new_pod, reason = inject_pod(pod, config)
+        except AnnotationError as exc:
+            log.info("pod %s: refused: %s", where, exc)
+            response["allowed"] = False
+            response["status"] = {
+                "code": 400,
+                "reason": "BadRequest",
+                "message": f"traffic-color: {exc}",
+            }
+            outcome = "denied"
         except Exception as exc:  # never block a pod on our own bug
             log.exception("pod %s: injection failed", where)
             response["warnings"] = [f"traffic-color: sidecar not injected: {exc}"]
@@ -120,6 +139,13 @@ def make_app(config: InjectConfig) -> web.Application:
         ["outcome"],
         registry=registry,
     )
+    # Pods whose status annotation names another config digest need a restart.
+    Gauge(
+        "traffic_color_webhook_config_info",
+        "The injection settings this webhook applies (digest as in traffic-color.io/status)",
+        ["version", "config"],
+        registry=registry,
+    ).labels(__version__, config.digest()).set(1)
     app.router.add_post("/mutate", _mutate)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
@@ -212,10 +238,11 @@ def run_webhook(args: argparse.Namespace) -> int:
     app.cleanup_ctx.append(reloader.cleanup_ctx(interval))
     host = getattr(args, "host", None) or "0.0.0.0"
     log.info(
-        "webhook listening on https://%s:%d/mutate (sidecar image %s)",
+        "webhook listening on https://%s:%d/mutate (sidecar image %s, config %s)",
         host,
         args.port,
         config.image,
+        config.digest(),
     )
     web.run_app(
         app,

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="inject an init container with restartPolicy: Always (Kubernetes >= 1.29)",
     )
     parser.add_argument(
+        "--kube-version",
+        help="the cluster's Kubernetes version: native sidecars from 1.29 unless set otherwise",
+    )
+    parser.add_argument(
         "--no-proxy-env",
         dest="proxy_env",
         action="store_false",
@@ -107,6 +111,8 @@ def config_from_args(args: argparse.Namespace) -> InjectConfig:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    if getattr(args, "kube_version", None):
+        overrides["kube_version"] = args.kube_version
     return dataclasses.replace(config, **overrides)
 
 

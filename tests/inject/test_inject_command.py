@@ -29,7 +29,7 @@ def test_reads_stdin_and_writes_injected_yaml() -> None:
     assert result.returncode == 0, result.stderr
     doc = yaml.safe_load(result.stdout)
     names = [c["name"] for c in doc["spec"]["template"]["spec"]["containers"]]
-    assert names == ["web", "traffic-color"]
+    assert names == ["traffic-color", "web"]  # first, so the app waits for it
     assert result.stderr == "traffic-color inject: Deployment/shop: injected\n"
 
 
@@ -55,6 +55,29 @@ def test_settings_file_shapes_the_sidecar(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     pod = yaml.safe_load(result.stdout)
     assert pod["spec"]["initContainers"][0]["image"] == "registry.example/tc:9"
+
+
+def test_kube_version_picks_native_sidecars() -> None:
+    pod = (GOLDEN / "pod.in.yaml").read_text()
+    native = yaml.safe_load(_inject("-f", "-", "--kube-version", "v1.30.2", stdin=pod).stdout)
+    assert [c["name"] for c in native["spec"]["initContainers"]] == [
+        "traffic-color-capture",
+        "traffic-color",
+    ]
+    old = yaml.safe_load(_inject("-f", "-", "--kube-version", "1.28", stdin=pod).stdout)
+    assert [c["name"] for c in old["spec"]["containers"]] == ["traffic-color", "shell"]
+
+
+def test_a_bad_annotation_names_the_object_and_exits_2() -> None:
+    doc = yaml.safe_load((GOLDEN / "deployment.in.yaml").read_text())
+    doc["spec"]["template"]["metadata"]["annotations"] = {"traffic-color.io/proxy-cpu": "lots"}
+    result = _inject("-f", "-", stdin=yaml.safe_dump(doc))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "traffic-color inject: -: Deployment/shop: annotation traffic-color.io/proxy-cpu: "
+        "'lots' is not a positive Kubernetes quantity\n"
+    )
+    assert result.stdout == ""
 
 
 def test_bad_input_exits_2_with_the_reason(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from sidecar import __version__
 from sidecar.admin.webhook import CertReloader, make_app, review_response
 from sidecar.inject.mutation import InjectConfig
 from tests.inject.k8s import apply_patch, schema_errors
@@ -129,8 +130,10 @@ async def test_pod_is_injected_through_a_json_patch(served: Served) -> None:
     assert response["allowed"] is True
     new = _patched(pod, response)
     names = [c["name"] for c in new["spec"]["containers"]]
-    assert names == ["web", "traffic-color"]
-    assert new["metadata"]["annotations"]["traffic-color.io/status"] == "injected"
+    assert names == ["traffic-color", "web"]
+    assert [c["name"] for c in new["spec"]["initContainers"]] == ["traffic-color-capture"]
+    status = json.loads(new["metadata"]["annotations"]["traffic-color.io/status"])
+    assert status["state"] == "injected" and status["config"] == CONFIG.digest()
     assert new["metadata"]["labels"]["traffic-color.io/color"] == "canary"
     assert schema_errors(new) == []
 
@@ -184,6 +187,30 @@ async def test_metrics_count_outcomes(served: Served) -> None:
     assert 'traffic_color_webhook_admissions_total{outcome="injected"} 1.0' in text
     assert 'traffic_color_webhook_admissions_total{outcome="skipped"} 1.0' in text
     assert 'traffic_color_webhook_admissions_total{outcome="invalid"} 1.0' in text
+
+
+async def test_a_pod_with_a_bad_annotation_is_refused_with_the_reason(served: Served) -> None:
+    pod = _pod({"traffic-color.io/exclude-outbound-ports": "5432,postgres"})
+    status, body = await served.post(_review(pod))
+    assert status == 200
+    response = body["response"]
+    assert response["allowed"] is False
+    assert "patch" not in response
+    assert response["status"]["code"] == 400
+    assert response["status"]["message"] == (
+        "traffic-color: annotation traffic-color.io/exclude-outbound-ports: "
+        "'5432,postgres' is not a list of TCP ports (1-65535): bad item 'postgres'"
+    )
+    _, text = await served.get("/metrics")
+    assert 'traffic_color_webhook_admissions_total{outcome="denied"} 1.0' in text
+
+
+async def test_metrics_name_the_settings_digest(served: Served) -> None:
+    _, text = await served.get("/metrics")
+    assert (
+        "traffic_color_webhook_config_info"
+        f'{{config="{CONFIG.digest()}",version="{__version__}"}} 1.0' in text
+    )
 
 
 async def test_certificate_must_verify_against_the_ca(served: Served) -> None:
@@ -286,7 +313,8 @@ async def test_traffic_color_webhook_command_serves_tls(tmp_path: Path) -> None:
         status, body = await served.post(_review(pod))
         assert status == 200
         new = _patched(pod, body["response"])
-        sidecar = new["spec"]["initContainers"][0]
+        capture, sidecar = new["spec"]["initContainers"]
+        assert capture["name"] == "traffic-color-capture"
         assert (sidecar["name"], sidecar["image"], sidecar["restartPolicy"]) == (
             "traffic-color",
             "registry.example/tc:cli",

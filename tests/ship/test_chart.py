@@ -1,8 +1,10 @@
 """The Helm chart, checked offline: lint, render, schemas, and what the objects say.
 
-Three renders: the default values, every optional feature on
-(``ci/all-features-values.yaml``) and cert-manager with an existing ClusterIssuer
-(``ci/cluster-issuer-values.yaml``). Built-in kinds are validated by
+Five renders: the default values, every optional feature on
+(``ci/all-features-values.yaml``), cert-manager with an existing ClusterIssuer
+(``ci/cluster-issuer-values.yaml``), the node agent on
+(``ci/node-agent-values.yaml``) and the examples' node agent
+(``examples/node-agent-values.yaml``). Built-in kinds are validated by
 ``kubernetes-validate --strict`` for Kubernetes 1.29 and 1.33 with no warning
 allowed; cert-manager and prometheus-operator objects by ``crd_schemas``.
 """
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from sidecar.inject.mutation import InjectConfig, inject_pod
 from sidecar.policy import parse_policy
+from tests.inject import pss
 from tests.inject.k8s import KUBERNETES_VERSIONS, schema_errors
 from tests.ship.crd_schemas import SCHEMAS
 from tests.ship.tools import REPO, module, tool
@@ -34,6 +37,9 @@ SCENARIOS = {
     "default": [],
     "all-features": [CHART / "ci" / "all-features-values.yaml"],
     "cluster-issuer": [CHART / "ci" / "cluster-issuer-values.yaml"],
+    "node-agent": [CHART / "ci" / "node-agent-values.yaml"],
+    # The walk-through's canary egress path (examples/README.md).
+    "example-node-agent": [REPO / "examples" / "node-agent-values.yaml"],
 }
 
 
@@ -44,13 +50,19 @@ def _helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @cache
-def _render_text(scenario: str) -> str:
+def _render_text(scenario: str, *extra: str) -> str:
     values = [a for f in SCENARIOS[scenario] for a in ("-f", str(f))]
-    return _helm("template", "tc", str(CHART), "--namespace", NAMESPACE, *values).stdout
+    return _helm("template", "tc", str(CHART), "--namespace", NAMESPACE, *values, *extra).stdout
 
 
-def render(scenario: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(_render_text(scenario)) if d]
+def render(scenario: str, *extra: str) -> list[dict[str, Any]]:
+    """The chart's objects; ``extra`` are more ``helm template`` arguments."""
+    return [d for d in yaml.safe_load_all(_render_text(scenario, *extra)) if d]
+
+
+def inject_config(docs: list[dict[str, Any]]) -> InjectConfig:
+    cm = next(d for d in find(docs, "ConfigMap") if "inject.json" in d["data"])
+    return InjectConfig.from_mapping(json.loads(cm["data"]["inject.json"]))
 
 
 def find(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -106,8 +118,10 @@ def test_custom_resources_appear_only_when_enabled() -> None:
         "ConfigMap",
         "Service",
         "Deployment",
+        "PodDisruptionBudget",
         "MutatingWebhookConfiguration",
     }
+    assert "DaemonSet" in {d["kind"] for d in render("node-agent")}
     kinds = {d["kind"] for d in render("all-features")}
     assert {"Certificate", "Issuer", "ServiceMonitor", "PodMonitor"} <= kinds
     assert "Secret" not in kinds  # cert-manager writes it
@@ -158,8 +172,9 @@ def test_schema_rejects_bad_values(override: str, complaint: str) -> None:
 
 
 def _leaf_paths(value: Any, prefix: str = "") -> list[str]:
-    """Dotted paths of values.yaml's leaves; a ``resources`` block counts as one value."""
-    if isinstance(value, dict) and value and not prefix.endswith("resources."):
+    """Dotted paths of values.yaml's leaves; resources and node selectors count as one value."""
+    whole = prefix.lower().endswith("resources.") or prefix.endswith("nodeSelector.")
+    if isinstance(value, dict) and value and not whole:
         return [p for k, v in value.items() for p in _leaf_paths(v, f"{prefix}{k}.")]
     return [prefix.rstrip(".")]
 
@@ -255,7 +270,15 @@ def test_webhook_wiring(scenario: str) -> None:
         "path": "/mutate",
         "port": service["spec"]["ports"][0]["port"],
     }
-    assert hook["namespaceSelector"] == {"matchLabels": {"traffic-color.io/inject": "enabled"}}
+    excluded = ["kube-system", "kube-public", NAMESPACE]
+    if scenario == "all-features":
+        excluded.append("monitoring")
+    assert hook["namespaceSelector"] == {
+        "matchLabels": {"traffic-color.io/inject": "enabled"},
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": excluded}
+        ],
+    }
     assert hook["rules"][0]["resources"] == ["pods"]
     assert hook["rules"][0]["operations"] == ["CREATE"]
     assert hook["failurePolicy"] == ("Fail" if scenario == "all-features" else "Ignore")
@@ -280,12 +303,12 @@ def test_webhook_wiring(scenario: str) -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_rendered_inject_settings_drive_the_mutation(scenario: str) -> None:
-    docs = render(scenario)
-    cm = next(d for d in find(docs, "ConfigMap") if "inject.json" in d["data"])
-    config = InjectConfig.from_mapping(json.loads(cm["data"]["inject.json"]))
+    config = inject_config(render(scenario))
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert config.image == f"traffic-color:{chart['appVersion']}"
-    assert config.native_sidecar is (scenario == "all-features")
+    # helm template sees Kubernetes 1.25 unless told; the node-agent file pins 1.30.
+    assert config.native() is (scenario in ("all-features", "node-agent"))
+    assert config.node_agent is scenario.endswith("node-agent")
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -303,10 +326,13 @@ def test_policy_configmaps_land_in_every_listed_namespace() -> None:
         ("all-features", [NAMESPACE, "demo", "shop"]),
         ("cluster-issuer", []),
     ):
-        cms = [d for d in find(render(scenario), "ConfigMap") if "policy.yaml" in d["data"]]
+        cms = [
+            d
+            for d in find(render(scenario), "ConfigMap")
+            if d["metadata"]["name"] == "traffic-color-policy"
+        ]
         assert [c["metadata"]["namespace"] for c in cms] == namespaces
         for cm in cms:
-            assert cm["metadata"]["name"] == "traffic-color-policy"
             policy = parse_policy(cm["data"]["policy.yaml"], "chart policy")
             assert set(policy.colors) == {"stable", "canary"}
 
@@ -339,4 +365,195 @@ def test_notes_tell_how_to_label_a_namespace_and_check_injection(tmp_path: Path)
     assert "traffic-color\\.io/status" in notes  # escaped for custom-columns
     assert f"logs deploy/{webhook}" in notes
     assert f"{NAMESPACE}, shop" in notes
-    assert "targetPort: tc-inbound" in notes
+    assert "targetPort: tc-inbound" in notes  # for HTTP_PROXY mode
+    assert "Services keep their app's own targetPort" in notes
+
+
+# ------------------------------------------------------------- safety rails
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_webhook_pods_are_spread_and_kept_by_a_disruption_budget(scenario: str) -> None:
+    docs = render(scenario)
+    deployment = one(docs, "Deployment")
+    pdb = one(docs, "PodDisruptionBudget")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # A drain evicts fewer webhook pods than there are: injection keeps working.
+    assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread, "webhook pods are spread by default"
+    for constraint in spread:
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    keys = [c["topologyKey"] for c in spread]
+    assert keys == (
+        ["topology.kubernetes.io/zone"]
+        if scenario == "all-features"
+        else ["kubernetes.io/hostname"]
+    )
+
+
+def test_the_disruption_budget_can_be_turned_off() -> None:
+    docs = render("default", "--set", "webhook.podDisruptionBudget.enabled=false")
+    assert find(docs, "PodDisruptionBudget") == []
+
+
+@pytest.mark.parametrize(
+    "args, native",
+    [
+        (("--kube-version", "1.28.9"), False),
+        (("--kube-version", "1.29.0"), True),
+        (("--kube-version", "1.33.0"), True),
+        (("--kube-version", "1.33.0", "--set", "injection.nativeSidecar=false"), False),
+        (("--kube-version", "1.27.0", "--set", "injection.nativeSidecar=true"), True),
+        (("--kube-version", "1.27.0", "--set", "injection.kubeVersion=v1.30.1"), True),
+    ],
+)
+def test_native_sidecars_follow_the_clusters_version(args: tuple[str, ...], native: bool) -> None:
+    config = inject_config(render("default", *args))
+    new, _ = inject_pod(_app_pod(), config)
+    sidecar = next(
+        c
+        for c in new["spec"].get("initContainers", []) + new["spec"]["containers"]
+        if c["name"] == "traffic-color"
+    )
+    assert (sidecar.get("restartPolicy") == "Always") is native
+    assert ("startupProbe" in sidecar) is native
+    assert ("lifecycle" in sidecar) is not native
+    assert json.loads(new["metadata"]["annotations"]["traffic-color.io/status"])["sidecar"] == (
+        "native" if native else "container"
+    )
+    assert schema_errors(new) == []
+
+
+def _app_pod() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "app", "image": "a"}]},
+    }
+
+
+def test_chart_capture_values_reach_the_init_container() -> None:
+    config = inject_config(render("all-features"))
+    new, _ = inject_pod(_app_pod(), config)
+    capture = new["spec"]["initContainers"][0]
+    assert capture["name"] == "traffic-color-capture"
+    assert capture["args"][4:] == [
+        "--exclude-outbound-ports=5432,6379",
+        "--exclude-outbound-cidrs=169.254.169.254/32",
+        "--include-outbound-cidrs=10.0.0.0/8,fd00::/8",
+        "--exclude-inbound-ports=9100",
+    ]
+
+
+def test_datapath_follows_the_charts_policy_unless_set() -> None:
+    assert inject_config(render("default")).datapath is False
+    on = render(
+        "default",
+        "--set-string",
+        "policy.content=colors: {stable: {mark: 1}}\ndatapath: {enabled: true}\n",
+    )
+    assert inject_config(on).datapath is True
+    forced = render("default", "--set", "injection.datapath=true")
+    config = inject_config(forced)
+    new, _ = inject_pod(_app_pod(), config)
+    sidecar = new["spec"]["containers"][0]
+    assert sidecar["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "BPF", "PERFMON"]
+
+
+# --------------------------------------------------------------- node agent
+
+
+def _agent(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    daemonset = one(docs, "DaemonSet")
+    name = daemonset["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
+    cm = next(d for d in find(docs, "ConfigMap") if d["metadata"]["name"] == name)
+    return daemonset, cm
+
+
+def test_node_agent_daemonset_has_the_host_network_and_three_capabilities() -> None:
+    docs = render("node-agent")
+    daemonset, cm = _agent(docs)
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["tolerations"] == [{"operator": "Exists"}]  # every node
+    (agent,) = pod["containers"]
+    ctx = agent["securityContext"]
+    assert ctx["capabilities"] == {"add": ["NET_ADMIN", "BPF", "PERFMON"], "drop": ["ALL"]}
+    assert "privileged" not in ctx and ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for host_path in ("/lib/modules", "/usr/src"):
+        assert mounts[host_path]["readOnly"] is True
+        assert volumes[mounts[host_path]["name"]]["hostPath"]["path"] == host_path
+    policy_file = agent["args"][agent["args"].index("--policy") + 1]
+    assert agent["args"][0] == "node"
+    assert str(Path(policy_file).parent) == next(
+        m["mountPath"] for m in agent["volumeMounts"] if m["name"] == pod["volumes"][0]["name"]
+    )
+    # The probes ask the port the agent's policy listens on.
+    agent_policy = yaml.safe_load(cm["data"]["policy.yaml"])
+    port = int(agent_policy["node"]["admin_listen"].rsplit(":", 1)[1])
+    assert agent["ports"][0]["containerPort"] == port
+    assert agent["readinessProbe"]["httpGet"]["port"] == agent["ports"][0]["name"]
+    assert daemonset["spec"]["template"]["metadata"]["annotations"]["traffic-color.io/inject"] == (
+        "false"
+    )
+
+
+def test_node_agent_port_must_match_its_policy() -> None:
+    result = _helm(
+        "template",
+        "tc",
+        str(CHART),
+        "--set",
+        "nodeAgent.enabled=true",
+        "--set",
+        "nodeAgent.adminPort=15099",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert 'nodeAgent.adminPort 15099 does not match node.admin_listen "0.0.0.0:15091"' in (
+        result.stderr
+    )
+
+
+def test_node_agent_reads_the_colors_the_pods_set() -> None:
+    """The node maps DSCP back to colors: its colors must be the sidecars' colors."""
+    docs = render("default", "--set", "nodeAgent.enabled=true")
+    _, cm = _agent(docs)
+    agent = yaml.safe_load(cm["data"]["policy.yaml"])
+    pods = parse_policy(_default_policy(), "policy.content")
+    assert {n: c.get("dscp") for n, c in agent["colors"].items()} == {
+        n: c.dscp for n, c in pods.colors.items()
+    }
+    assert any(c.dscp for c in pods.colors.values()), "a color must carry DSCP to the node"
+    assert agent["node"]["interfaces"]
+
+
+def _default_policy() -> str:
+    return yaml.safe_load((CHART / "values.yaml").read_text())["policy"]["content"]
+
+
+def test_with_the_node_agent_injected_sidecars_get_no_capability() -> None:
+    config = inject_config(render("node-agent"))
+    assert config.datapath is True  # the pods' policy turns the classifier on...
+    new, _ = inject_pod(_app_pod(), config)
+    capture, sidecar = new["spec"]["initContainers"]
+    # ...yet the node does the kernel's part: nothing but capture's two capabilities.
+    assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert sidecar["securityContext"]["runAsUser"] == 1337
+    assert capture["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    assert not any("hostPath" in v for v in new["spec"]["volumes"])
+    assert schema_errors(new) == []
+
+
+def test_pod_security_levels_of_the_charts_own_pods() -> None:
+    docs = render("node-agent")
+    webhook = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pss.level(webhook) == "restricted"
+    agent = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert pss.level(agent) == "privileged"  # host network, host paths, capabilities

@@ -125,21 +125,45 @@ def test_stable_and_canary_differ_only_by_the_color_label() -> None:
     assert s_pod["spec"] == c_pod["spec"]
 
 
-def test_service_targets_the_sidecar_inbound_port_of_both_colors() -> None:
+def test_service_keeps_the_apps_own_port_and_capture_takes_it_through_the_sidecar() -> None:
     stable, canary, service = _demo()
-    assert service["spec"]["ports"][0]["targetPort"] == PORT_NAMES[INBOUND_PORT]
+    app_port = stable["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+    assert service["spec"]["ports"][0]["targetPort"] == app_port["name"]
+    assert app_port["name"] != PORT_NAMES[INBOUND_PORT]
     for deployment in (stable, canary):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
         injected, notes = inject_object(deployment, InjectConfig())
         assert notes == [f"Deployment/{deployment['metadata']['name']}: injected"]
-        ports = [
-            p["name"]
-            for c in injected["spec"]["template"]["spec"]["containers"]
-            for p in c.get("ports", [])
-        ]
-        assert service["spec"]["ports"][0]["targetPort"] in ports
+        spec = injected["spec"]["template"]["spec"]
+        assert [c["name"] for c in spec["initContainers"]] == ["traffic-color-capture"]
         assert schema_errors(injected) == []
+
+
+def test_the_client_knows_nothing_of_proxies() -> None:
+    (client,) = _docs(EXAMPLES / "k8s" / "client.yaml")
+    injected, _ = inject_object(client, InjectConfig())
+    spec = injected["spec"]["template"]["spec"]
+    app = next(c for c in spec["containers"] if c["name"] == "client")
+    assert not [e for e in app.get("env", []) if "proxy" in e["name"].lower()]
+    assert spec["initContainers"][0]["name"] == "traffic-color-capture"
+
+
+def test_node_agent_example_routes_canary_with_the_pods_colors() -> None:
+    values = yaml.safe_load((EXAMPLES / "node-agent-values.yaml").read_text())
+    agent = yaml.safe_load(values["nodeAgent"]["policy"])
+    cm = _docs(EXAMPLES / "k8s" / "policy.yaml")[0]
+    pods = parse_policy(cm["data"]["policy.yaml"], "examples/k8s/policy.yaml")
+    # The node maps DSCP back to colors: the same colors, the same DSCP values.
+    assert {n: c.get("dscp") for n, c in agent["colors"].items()} == {
+        n: c.dscp for n, c in pods.colors.items()
+    }
+    canary = agent["datapath"]["routing"]["colors"]["canary"]
+    assert canary["table"] == 102 and canary["routes"][0]["dst"] == "203.0.113.0/24"
+    assert not pods.datapath.enabled  # the pods need no capability for it
+    readme = (EXAMPLES / "README.md").read_text()
+    assert "-f examples/node-agent-values.yaml" in readme
+    assert "203.0.113.10" in readme
 
 
 def test_demo_policy_sends_inbound_traffic_to_the_demo_app() -> None:

@@ -139,3 +139,34 @@ def test_build_ca_bundle_is_not_in_the_image(built: Built) -> None:
         "-exec sha256sum {} + 2>/dev/null || true",
     )
     assert digest not in sums.stdout
+
+
+def test_the_commands_injection_writes_into_pods_run_in_the_image(built: Built) -> None:
+    """The postStart hook and the sidecar's args, as injected, as the uid they run as."""
+    from sidecar.inject.mutation import InjectConfig, inject_pod
+
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "a"}]}}
+    injected, _ = inject_pod(pod, InjectConfig(image=IMAGE))
+    sidecar = injected["spec"]["containers"][0]
+    uid = sidecar["securityContext"]["runAsUser"]
+    hook = sidecar["lifecycle"]["postStart"]["exec"]["command"]
+    assert hook[-2] == "--timeout"
+
+    def run_as(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *("buildah", *STORAGE, "run", "--isolation", "chroot"),
+                *("--user", f"{uid}:{uid}", built.container, "--", *command),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    # Nothing serves /readyz in the build container: the hook waits, then says why.
+    waited = run_as(*hook[:-1], "1")
+    assert waited.returncode == 1, waited.stderr
+    assert "wait-ready: http://127.0.0.1:15090/readyz not ready after 1 s" in waited.stderr
+    # The image's entrypoint is traffic-color: the sidecar's args are a command of it.
+    args = run_as("traffic-color", *sidecar["args"], "--help")
+    assert args.returncode == 0 and "--policy" in args.stdout
