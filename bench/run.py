@@ -4,7 +4,9 @@
    req/s, latency, CPU per request, ratios to nginx, RSS next to an nginx worker's.
 2. Classifier (``bpf_cost.py``): ns per packet at 1, 10k and 1M flows next to an
    empty tc program (root).
-3. Footprint (``footprint.py``): start-up to ready with and without the data path,
+3. Capture (``capture_bench.py``): the sidecar in capture mode next to HTTP_PROXY
+   mode and nginx, keep-alive and ``Connection: close``, in namespaces (root).
+4. Footprint (``footprint.py``): start-up to ready with and without the data path,
    RSS with 10k open flows (root).
 
 Arguments go to the HTTP part (``make bench BENCH_ARGS="--seconds 5"``). Each
@@ -20,12 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bpf_cost
+import capture_bench
 import footprint
 import http_bench
 
 PARTS = (
     ("HTTP: backend vs nginx vs sidecar", http_bench.main),
     ("tc classifier cost per packet", bpf_cost.main),
+    ("capture vs HTTP_PROXY mode vs nginx", capture_bench.main),
     ("footprint: start-up and RSS", footprint.main),
 )
 
@@ -34,7 +38,7 @@ def main(argv: list[str]) -> int:
     worst = 0
     for i, (title, run) in enumerate(PARTS):
         print(f"{'' if i == 0 else chr(10)}== {title} ==", flush=True)
-        status = run(argv if run is http_bench.main else [])
+        status = run(argv if run in (http_bench.main, capture_bench.main) else [])
         sys.stdout.flush()
         worst = max(worst, status or 0)
     return worst

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from sidecar.baggage import EVENTS
 from sidecar.coloring import REASONS
 
 # ``*_created`` series double every scrape and no dashboard reads them.
@@ -67,6 +68,15 @@ REWRITES = (
 )
 FLOWS = ("traffic_color_upstream_flows", "Upstream TCP connections open, by color.")
 RELOADS = ("traffic_color_policy_reloads_total", "Policy reloads, by result.")
+LANE_FALLBACKS = (
+    "traffic_color_lane_fallbacks_total",
+    "Requests whose lane was empty, by route host, color and why (then fallback or 503).",
+)
+LANE_LOOKUPS = ("traffic_color_lane_lookups_total", "Lookups of lane host names, by result.")
+BAGGAGE = (
+    "traffic_color_baggage_total",
+    "Requests whose W3C Baggage color member was used, disagreed with the header, or not read.",
+)
 CONNECTIONS = (
     "traffic_color_connections_total",
     "Client connections accepted, by direction and the protocol detected on them.",
@@ -81,7 +91,7 @@ PROTOCOLS = ("http1", "http2", "opaque")
 class DirectionCounts:
     """The request and rewrite counts of one direction, written by that side's hot path."""
 
-    __slots__ = ("connections", "histograms", "opaque_bytes", "requests", "rewrites")
+    __slots__ = ("baggage", "connections", "histograms", "opaque_bytes", "requests", "rewrites")
 
     def __init__(self) -> None:
         # color -> code -> [count, the color's histogram]
@@ -92,6 +102,7 @@ class DirectionCounts:
         # ``rewrites[reason]`` in place (no call), and each series reads 0 before
         # its first rewrite, as Prometheus advises for label values known up front.
         self.rewrites: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.baggage: dict[str, int] = dict.fromkeys(EVENTS, 0)  # the same, for baggage
         # Protocol -> connections (the front door adds in place); color -> opaque bytes,
         # seeded with the policy's colors by ``ProxyMetrics.known_colors``.
         self.connections: dict[str, int] = dict.fromkeys(PROTOCOLS, 0)
@@ -127,6 +138,8 @@ class ProxyMetrics(Collector):
         self.directions = {"outbound": DirectionCounts(), "inbound": DirectionCounts()}
         self._flows: dict[str, int] = {}
         self._reloads: dict[str, int] = {}
+        self._lane_fallbacks: dict[tuple[str, str, str], int] = {}
+        self._lane_lookups: dict[str, int] = {}
         self.registry.register(self)
 
     def direction(self, name: str) -> DirectionCounts:
@@ -138,6 +151,13 @@ class ProxyMetrics(Collector):
 
     def flow_closed(self, color: str) -> None:
         self._flows[color] = self._flows.get(color, 0) - 1
+
+    def lane_fallback(self, host: str, color: str, reason: str) -> None:
+        key = (host, color, reason)
+        self._lane_fallbacks[key] = self._lane_fallbacks.get(key, 0) + 1
+
+    def lane_lookup(self, result: str) -> None:
+        self._lane_lookups[result] = self._lane_lookups.get(result, 0) + 1
 
     def known_colors(self, names: Iterable[str]) -> None:
         """Colors whose opaque byte series read 0 before their first byte."""
@@ -153,7 +173,8 @@ class ProxyMetrics(Collector):
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: lets the registry refuse a duplicate name."""
-        return self._families({}, {}, {}, {}, {}, {}, {})
+        yield from self._families({}, {}, {}, {}, {}, {}, {})
+        yield from self._lane_families({}, {}, {})
 
     def collect(self) -> Iterator[Metric]:
         # Copies first: the loop thread may add a label set while this runs.
@@ -174,9 +195,34 @@ class ProxyMetrics(Collector):
                 hist[(direction, color)] = cells[:]
             for reason, n in counts.rewrites.copy().items():
                 rew[(direction, reason)] = n
-        return self._families(
+        yield from self._families(
             req, hist, rew, self._flows.copy(), self._reloads.copy(), conns, opaque
         )
+        bag = {
+            (direction, event): n
+            for direction, counts in self.directions.items()
+            for event, n in counts.baggage.copy().items()
+        }
+        yield from self._lane_families(self._lane_fallbacks.copy(), self._lane_lookups.copy(), bag)
+
+    @staticmethod
+    def _lane_families(
+        fallbacks: dict[tuple[str, str, str], int],
+        lookups: dict[str, int],
+        bag: dict[tuple[str, str], int],
+    ) -> Iterator[Metric]:
+        family = CounterMetricFamily(*LANE_FALLBACKS, labels=("host", "color", "reason"))
+        for labels, n in fallbacks.items():
+            family.add_metric(labels, float(n))
+        yield family
+        family = CounterMetricFamily(*LANE_LOOKUPS, labels=("result",))
+        for result, n in lookups.items():
+            family.add_metric((result,), float(n))
+        yield family
+        family = CounterMetricFamily(*BAGGAGE, labels=("direction", "event"))
+        for labels, n in bag.items():
+            family.add_metric(labels, float(n))
+        yield family
 
     @staticmethod
     def _families(

@@ -13,7 +13,8 @@ import logging
 
 from sidecar.policy import Address, Timeouts
 from sidecar.proxy.context import ProxyContext
-from sidecar.proxy.http1.downstream import Downstream, Shared, access_log
+from sidecar.proxy.http1.downstream import Shared, access_log
+from sidecar.proxy.listener import Door, FrontDoor
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ class Proxy:
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self._shared: Shared | None = None
+        self._door: Door | None = None
         self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._twins: dict[str, asyncio.AbstractServer] = {}  # IPv6 listeners in capture mode
         self._addresses: dict[str, tuple[str, int]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -40,9 +43,10 @@ class Proxy:
         """Listen on both sides (port 0 picks a free port; see ``addresses``)."""
         loop = asyncio.get_running_loop()
         shared = self._shared = Shared(self.ctx, loop)
+        door = self._door = Door(shared)
         for direction, where in (("outbound", outbound), ("inbound", inbound)):
             server = await loop.create_server(
-                lambda d=direction: Downstream(shared, d),  # type: ignore[misc]
+                lambda d=direction: FrontDoor(door, d),  # type: ignore[misc]
                 where.host,
                 where.port,
                 reuse_address=True,
@@ -51,10 +55,14 @@ class Proxy:
             self._servers[direction] = server
             sockname = server.sockets[0].getsockname()
             self._addresses[direction] = (sockname[0], sockname[1])
+            twin = _ipv6_twin(where.host) if self.ctx.capture is not None else None
+            if twin is not None:
+                await self._listen_twin(direction, twin, sockname[1])
         out_port = self._addresses["outbound"][1]
-        for sock in self._servers["outbound"].sockets:
-            shared.own.add((sock.getsockname()[0], out_port))
-            shared.listening.append((sock.getsockname()[0], out_port))
+        for server in (self._servers["outbound"], self._twins.get("outbound")):
+            for sock in server.sockets if server is not None else ():
+                shared.own.add((sock.getsockname()[0], out_port))
+                shared.listening.append((sock.getsockname()[0], out_port))
         if outbound.host in ("0.0.0.0", "::", ""):
             shared.own.update({("127.0.0.1", out_port), ("localhost", out_port), ("::1", out_port)})
         else:
@@ -66,13 +74,35 @@ class Proxy:
             self._addresses["inbound"],
         )
 
+    async def _listen_twin(self, direction: str, host: str, port: int) -> None:
+        """The IPv6 listener beside an IPv4 one: capture redirects IPv6 flows to ``::1``
+        (outbound) or the interface's address (inbound), on the same port."""
+        door = self._door
+        try:
+            self._twins[direction] = await asyncio.get_running_loop().create_server(
+                lambda: FrontDoor(door, direction),  # type: ignore[arg-type]
+                host,
+                port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
+            )
+        except OSError as exc:  # no IPv6 in this namespace: IPv6 is not captured either
+            log.warning("no IPv6 %s listener on [%s]:%d: %s", direction, host, port, exc)
+
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:
         return dict(self._addresses)
 
     def open_flows(self) -> dict[str, int]:
-        """color -> upstream connections open now (pooled, busy and tunnels)."""
-        return self._shared.pool.counts() if self._shared is not None else {}
+        """color -> upstream connections open now (pooled, busy, tunnels, relays, HTTP/2)."""
+        if self._shared is None:
+            return {}
+        counts = self._shared.pool.counts()
+        h2 = self._door.h2 if self._door is not None else None
+        if h2 is not None:
+            for color, n in h2.open_flows().items():
+                counts[color] = counts.get(color, 0) + n
+        return counts
 
     def parked_flows(self) -> int:
         """Idle upstream flows held without a transport (see ``Pool``): open all the same."""
@@ -94,13 +124,20 @@ class Proxy:
         if shared is None:
             return
         shared.draining = True
+        # HTTP/2 clients get GOAWAY at once, so they move on while the listeners still
+        # accept; their streams in flight finish within the whole drain.
+        h2 = self._door.h2 if self._door is not None else None
+        h2_drain = asyncio.ensure_future(h2.drain(accept_for + timeout)) if h2 is not None else None
         if accept_for > 0:
             shared.accepting = True
             try:
                 await asyncio.sleep(accept_for)
             finally:
                 shared.accepting = False
-        for server in self._servers.values():
+            h2 = self._door.h2 if self._door is not None else None
+            if h2_drain is None and h2 is not None:  # its first connection came meanwhile
+                h2_drain = asyncio.ensure_future(h2.drain(timeout))
+        for server in (*self._servers.values(), *self._twins.values()):
             server.close()
         shared.pool.close_idle()
         for conn in list(shared.conns):
@@ -129,7 +166,10 @@ class Proxy:
             if not shared.pool.open and not shared.conns:
                 break
             await asyncio.sleep(0.01)
-        for server in self._servers.values():
+        if h2_drain is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(h2_drain, 1.0)
+        for server in (*self._servers.values(), *self._twins.values()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
@@ -148,3 +188,8 @@ class Proxy:
                 shared.access_log = access_log.isEnabledFor(logging.DEBUG)
             except Exception:
                 log.exception("proxy sweeper failed; continuing")
+
+
+def _ipv6_twin(host: str) -> str | None:
+    """Where the IPv6 side of an IPv4 listener goes in capture mode (None: it has one)."""
+    return {"127.0.0.1": "::1", "0.0.0.0": "::"}.get(host)
