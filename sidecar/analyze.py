@@ -228,19 +228,24 @@ def _lane_service(host: str, namespace: str) -> tuple[str, str] | None:
     return None  # a name outside the cluster
 
 
-def _lanes(emb: EmbeddedPolicy) -> Iterable[tuple[str, str, int]]:
-    """(color, lane host, line) of every ``outbound.routes[].lanes`` entry, from the raw YAML."""
+def _lanes(emb: EmbeddedPolicy) -> Iterable[tuple[str, str, str, int]]:
+    """(route host, color, lane host, line) of every ``outbound.routes[].lanes`` entry.
+
+    Read from the raw YAML, so lanes are found even where the policy has other errors.
+    """
     try:
         root = yaml.compose(emb.text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return
     routes = _get(_get(root, "outbound"), "routes")
     for route in routes.value if isinstance(routes, yaml.SequenceNode) else []:
+        host = _get(route, "host")
+        route_host = str(host.value) if isinstance(host, yaml.ScalarNode) else ""
         lanes = _get(route, "lanes")
         for knode, vnode in lanes.value if isinstance(lanes, yaml.MappingNode) else []:
             if isinstance(vnode, yaml.ScalarNode):
                 line = emb.first_line + vnode.start_mark.line if emb.first_line else emb.key_line
-                yield str(knode.value), str(vnode.value), line
+                yield route_host, str(knode.value), str(vnode.value), line
 
 
 def _get(node: yaml.Node | None, key: str) -> yaml.Node | None:
@@ -313,8 +318,11 @@ def analyze(docs: list[Doc], policy_configmap: str = DEFAULT_POLICY_CONFIGMAP) -
         findings.extend(_bypass(svc, [w for w in workloads if w.doc.namespace == ns], injected))
 
     for (ns, _), (emb, _) in sorted(policies.found.items()):
-        for color, host, line in _lanes(emb):
-            target = _lane_service(host, ns)
+        for route_host, color, host, line in _lanes(emb):
+            # A lane without a namespace takes the route's (reviews.shop -> shop), else
+            # the namespace of the pods that mount the policy.
+            parts = route_host.split(".")
+            target = _lane_service(host, parts[1] if len(parts) > 1 else ns)
             if target is not None and target not in services:
                 findings.append(
                     _finding(

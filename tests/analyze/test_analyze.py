@@ -197,3 +197,17 @@ def test_already_injected_manifests_are_read_by_their_sidecar(tree: Path) -> Non
     [f] = findings(tree)
     assert f.code == "TC101" and f.object == "Deployment default/details-v1"
     assert "Deployment default/productpage-v1" in f.message
+
+
+def test_a_lane_without_namespace_takes_the_routes(tree: Path) -> None:
+    mesh = tree / "mesh.yaml"
+    edit(
+        mesh,
+        "            canary: reviews-v2:9080\n",
+        "            canary: reviews-v2:9080\n"
+        "        - host: ratings.books\n"
+        "          lanes: {canary: ratings-v2}\n",
+    )
+    [f] = findings(tree)
+    assert f.code == "TC106" and "Service books/ratings-v2 is not in the set" in f.message
+    assert f.line == line_of(mesh, "lanes: {canary: ratings-v2}")
