@@ -174,6 +174,7 @@ class FrontDoor(asyncio.Protocol):
 
     queue = ()  # what ``Proxy.drain`` looks at: nothing in flight
     tunnel = None
+    served = False  # nothing answered yet: a drain leaves it its chance to send
 
     def __init__(self, door: Door, direction: str) -> None:
         self.door = door
@@ -193,7 +194,7 @@ class FrontDoor(asyncio.Protocol):
             if dst is not None and dst[1] in capture.opaque_ports:
                 self._hand(OPAQUE, b"")  # server-first: the client waits for the server
                 return
-        if door.shared.draining:
+        if door.shared.draining and not door.shared.accepting:
             transport.close()
             return
         self.since = door.loop.time()

@@ -138,7 +138,7 @@ class Opaque(asyncio.Protocol):
         self.flow = FlowControl(transport)  # type: ignore[arg-type]
         shared = self.shared
         shared.conns.add(self)  # type: ignore[arg-type]
-        if shared.draining:
+        if shared.draining and not shared.accepting:
             self._close()
             return
         self.flow.pause(WAITING)
