@@ -48,15 +48,17 @@ LABEL org.opencontainers.image.title="traffic-color" \
 ENV DEBIAN_FRONTEND=noninteractive
 COPY --from=build /opt/traffic-color /opt/traffic-color
 # Run-time packages only: BCC's Python module and library (which needs libbpf1,
-# also called directly through ctypes), nghttp2 for HTTP/2 and iproute2 for
-# operators' debugging.
-# The venv sees Debian's bcc through one symlink, as `make install` does.
+# also called directly through ctypes), libnftables' Python binding for capture,
+# nghttp2 for HTTP/2, and iproute2 and nft for operators' debugging. The venv sees Debian's bcc and
+# nftables modules through one symlink each, as `make install` does.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-bpfcc libbpfcc libbpf1 libnghttp2-14 iproute2 \
+    python3-nftables nftables \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
  && site="$(/opt/traffic-color/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && ln -s /usr/lib/python3/dist-packages/bcc "${site}/bcc" \
- && /opt/traffic-color/bin/python -c 'import bcc, sidecar, sidecar.proxy.http2'
+ && ln -s /usr/lib/python3/dist-packages/nftables "${site}/nftables" \
+ && /opt/traffic-color/bin/python -c 'import bcc, nftables, sidecar, sidecar.proxy.http2'
 ENV PATH="/opt/traffic-color/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := python3-bpfcc libbpfcc libbpf1 linux-headers-amd64 iproute2 nginx-light wrk curl gcc \
-	nftables python3-nftables libnghttp2-dev nghttp2-client nghttp2-server python3-dev
+	nftables python3-nftables dnsmasq-base libnghttp2-dev nghttp2-client nghttp2-server python3-dev
 KREL := $(shell uname -r)
 
 .PHONY: install demo test test-unit test-root bench lint image clean

@@ -182,15 +182,26 @@ _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def run_wrk(
-    url: str, seconds: float, conns: int, threads: int, headers: list[str], pid: int | None
+    url: str,
+    seconds: float,
+    conns: int,
+    threads: int,
+    headers: list[str],
+    pid: int | None,
+    prefix: list[str] | None = None,
 ) -> Result:
+    """One wrk run; ``prefix`` runs it elsewhere (``ip netns exec NS``)."""
     # wrk counts its duration in whole seconds: less than one is an error.
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency"]
     for h in headers:
         cmd += ["-H", h]
     cpu0 = cpu_seconds(pid) if pid else (0.0, 0.0)
     out = subprocess.run(
-        [*cmd, url], capture_output=True, text=True, timeout=seconds + 30, check=True
+        [*(prefix or ()), *cmd, url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
     ).stdout
     cpu1 = cpu_seconds(pid) if pid else (0.0, 0.0)
     reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]

@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 from collections.abc import Sequence
 
+from sidecar import baggage
 from sidecar.policy import COLOR_NAME_RE, Policy, Rule
 
 # Why the color header was (re)written; label values of
@@ -73,6 +74,17 @@ class Colorer:
         # Lower-case names of the headers the inbound rules read; the proxy keeps
         # their values aside while parsing and ignores every other header.
         self.inbound_capture: frozenset[bytes] = frozenset(capture)
+        # The W3C Baggage member that carries the color, or None: baggage is off.
+        key = policy.baggage_key
+        self.baggage_key: bytes | None = key.encode("ascii") if key is not None else None
+        # color -> what a request without baggage gets: the color member alone
+        self._bag_alone = {
+            name: (b"%s=%s" % (self.baggage_key, name.encode("ascii")),)
+            for name in policy.colors
+            if self.baggage_key is not None
+        }
+        # Apps repeat the same few baggage values: decisions remembered per value.
+        self._bag_cache: dict[tuple, tuple[str, str | None, str | None, tuple[bytes, ...]]] = {}
 
     # ------------------------------------------------------------ shared
 
@@ -93,6 +105,53 @@ class Colorer:
         except UnicodeDecodeError:
             return None, MALFORMED
         return None, (UNKNOWN if COLOR_NAME_RE.match(text) else MALFORMED)
+
+    def with_baggage(
+        self, color: str, reason: str | None, values: Sequence[bytes], trusted: bool
+    ) -> tuple[str, str | None, str | None, tuple[bytes, ...]]:
+        """Apply a request's ``baggage`` headers to the color its header (or the rules)
+        gave: ``(color, reason, baggage event or None, baggage values to forward)``.
+
+        A request without a color header takes a known color from the member when it
+        is ``trusted`` (the header's trust rules; outbound always); with a header, the
+        header wins and a disagreeing member is counted. The forwarded value carries
+        the final color; malformed baggage, or baggage the member would push past the
+        W3C limits, goes on untouched.
+        """
+        if not values:
+            return color, reason, None, self._bag_alone[color]
+        cache_key = (color, reason, trusted, *values)
+        try:
+            return self._bag_cache[cache_key]
+        except KeyError:
+            pass
+        decided = self._with_baggage(color, reason, values, trusted)
+        if len(self._bag_cache) >= 4096:
+            self._bag_cache.clear()
+        self._bag_cache[cache_key] = decided
+        return decided
+
+    def _with_baggage(
+        self, color: str, reason: str | None, values: Sequence[bytes], trusted: bool
+    ) -> tuple[str, str | None, str | None, tuple[bytes, ...]]:
+        key: bytes = self.baggage_key  # type: ignore[assignment]
+        found = baggage.members(values)
+        if found is None:
+            return color, reason, baggage.MALFORMED, tuple(values)
+        event = None
+        value, single = baggage.member_value(found, key)
+        if value is not None:
+            known = self._known.get(value) if single else None
+            if known is None:
+                event = baggage.UNKNOWN
+            elif reason == MISSING and trusted:
+                color, reason, event = known, None, baggage.USED
+            elif reason is None and known != color:
+                event = baggage.DISAGREE
+        out = baggage.with_color(found, key, color.encode("ascii"))
+        if out is None:
+            return color, reason, baggage.OVER_LIMIT, tuple(values)
+        return color, reason, event, (out,)
 
     # ------------------------------------------------------------ outbound
 
@@ -169,20 +228,49 @@ class Colorer:
             bucket = split_bucket(sticky)
             for color, upper in self._splits[id(rule)]:
                 if bucket < upper:
-                    return color
+                    if color:
+                        return color
+                    break  # the unowned middle
         return None
 
 
 def _ranges(split: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
-    """Cumulative bucket bounds in file order.
+    """Bucket bounds ``(color, upper)`` in ascending order, colors taking turns at both ends.
 
-    Each color owns [start, start + percent) of the buckets, where start only
-    depends on the colors before it: raising a color's percent grows its range at
-    the end, so keys only ever move into it.
+    The colors listed 1st, 3rd, 5th, ... own consecutive ranges growing up from
+    bucket 0, the 2nd, 4th, ... consecutive ranges growing down from the top, and
+    buckets no color owns (percents adding up to less than 100: the pod's color)
+    sit in the middle. A color's range depends only on its own percent and those
+    listed before it at its end, so:
+
+    - raising a color's percent only moves keys into it, and lowering one only moves
+      keys out of it, into the unowned middle or the next color at its end;
+    - a color keeps every key while its percent and those listed before it at its
+      end stay the same: moving share between the 1st and 3rd color keeps the 2nd
+      ({a: 10, b: 20, c: 70} -> {a: 20, b: 20, c: 60} moves keys from c to a only),
+      and a 2nd color raised into the unowned middle keeps the 1st and 3rd.
+
+    No layout that is a function of the split alone can keep every unchanged color's
+    keys in every change with three or more colors: {a: 40, b: 40} -> {a: 40, c: 40}
+    keeps a, {a: 40, c: 40} -> {b: 40, c: 40} keeps c and {b: 40, c: 40} -> {a: 40,
+    b: 40} keeps b only if three disjoint 40% shares fit into 100%.
     """
-    out = []
-    upper = 0
-    for color, pct in split:
-        upper += pct * (SPLIT_BUCKETS // 100)
+    step = SPLIT_BUCKETS // 100
+    low: list[tuple[str, int]] = []  # (color, upper bound), growing up from 0
+    high: list[tuple[str, int]] = []  # (color, lower bound), growing down from the top
+    bottom, top = 0, SPLIT_BUCKETS
+    for i, (color, pct) in enumerate(split):
+        if i % 2 == 0:
+            bottom += pct * step
+            low.append((color, bottom))
+        else:
+            top -= pct * step
+            high.append((color, top))
+    out = list(low)
+    if top > bottom:
+        out.append(("", top))  # the unowned middle: falls through to the next rule
+    # A high color owns [its lower bound, the lower bound of the one before it).
+    uppers = [SPLIT_BUCKETS, *(lower for _, lower in high)][: len(high)]
+    for (color, _), upper in reversed(list(zip(high, uppers, strict=True))):
         out.append((color, upper))
     return tuple(out)

@@ -24,6 +24,10 @@ COLOR_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}\Z")
 # RFC 9110 token, lower-case only: header names are compared lower-cased.
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# A DNS name (lower-case labels) or an IP literal: an ``outbound.routes`` host or lane.
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DNS_NAME_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\Z")
+FALLBACKS = ("stable", "fail")  # what an empty lane does: the original destination, or 503
 MAX_COLORS = 63  # color ids 1..63; 0 means "no color" in the kernel's tables
 RESERVED_TABLES = {0, 253, 254, 255}  # unspec, default, main, local
 DEFAULT_FLOW_TABLE_SIZE = 65536
@@ -131,6 +135,7 @@ class Timeouts:
     upstream_idle: float = 30.0
     upstream_read: float = 60.0
     drain: float = 10.0
+    lane_connect: float = 0.5  # a lane host that does not answer within it is empty
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,20 @@ class Datapath:
     flow_table_size: int = DEFAULT_FLOW_TABLE_SIZE
     attach: tuple[AttachPoint, ...] = ()
     routing: Routing = field(default_factory=Routing)
+
+
+@dataclass(frozen=True)
+class LaneRoute:
+    """``outbound.routes[]``: requests to ``host`` whose color has a lane go to its host.
+
+    ``host`` is a Service name, optionally with its namespace (``reviews``,
+    ``reviews.shop``); a lane is an ``Address`` whose port 0 means "the request's".
+    """
+
+    line: int
+    host: str
+    lanes: dict[str, Address]
+    fallback: str = "stable"  # one of FALLBACKS
 
 
 @dataclass(frozen=True)
@@ -208,6 +227,9 @@ class Policy:
     datapath: Datapath
     digest: str  # sha256 of the source text, first 16 hex digits
     source: str = "<default>"
+    routes: tuple[LaneRoute, ...] = ()  # outbound.routes, in file order
+    cluster_domain: str = "cluster.local"  # outbound.cluster_domain
+    baggage_key: str | None = None  # baggage.key: the W3C Baggage member with the color
     capture: Capture = field(default_factory=Capture)
 
     def color_by_id(self) -> dict[int, Color]:
@@ -365,6 +387,7 @@ _TOP = {
     "admin",
     "timeouts",
     "datapath",
+    "baggage",
     "capture",
 }
 
@@ -409,10 +432,13 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         ck.err(node, f"default_color: '{default_color}' is not defined under colors")
 
     inbound = _inbound(ck, top.get("inbound"), colors)
-    outbound_listen = _listen_section(ck, top.get("outbound"), "outbound", "127.0.0.1:15001")
+    outbound_listen, routes, cluster_domain = _outbound(
+        ck, top.get("outbound"), colors, default_color
+    )
     admin_listen = _listen_section(ck, top.get("admin"), "admin", "0.0.0.0:15090")
     timeouts = _timeouts(ck, top.get("timeouts"))
     datapath = _datapath(ck, top.get("datapath"), colors)
+    baggage_key = _baggage(ck, top.get("baggage"))
     capture = _capture(ck, top.get("capture"), mark_mask)
 
     if ck.issues:
@@ -430,6 +456,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         datapath=datapath,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         source=source,
+        routes=routes,
+        cluster_domain=cluster_domain,
+        baggage_key=baggage_key,
         capture=capture,
     )
 
@@ -509,6 +538,126 @@ def _listen_section(ck: _Checker, entry: Any, what: str, default: str) -> Addres
     if "listen" not in fields:
         return fallback
     return ck.address(fields["listen"][1], f"{what}.listen") or fallback
+
+
+def _outbound(
+    ck: _Checker, entry: Any, colors: dict[str, Color], default_color: str
+) -> tuple[Address, tuple[LaneRoute, ...], str]:
+    """``outbound``: listen address, lane routes and the cluster domain their hosts use."""
+    listen = parse_address("127.0.0.1:15001")
+    assert listen is not None
+    if entry is None:
+        return listen, (), "cluster.local"
+    fields = ck.mapping(entry[1], "outbound", {"listen", "routes", "cluster_domain"})
+    if "listen" in fields:
+        listen = ck.address(fields["listen"][1], "outbound.listen") or listen
+    domain = "cluster.local"
+    if "cluster_domain" in fields:
+        node = fields["cluster_domain"][1]
+        text = ck.string(node, "outbound.cluster_domain")
+        if text is not None and DNS_NAME_RE.match(text.lower().rstrip(".")):
+            domain = text.lower().rstrip(".")
+        elif text is not None:
+            ck.err(node, f"outbound.cluster_domain: '{text}' is not a DNS domain")
+    routes: list[LaneRoute] = []
+    seen: dict[str, int] = {}
+    if "routes" in fields:
+        for i, node in enumerate(ck.sequence(fields["routes"][1], "outbound.routes")):
+            route = _lane_route(ck, node, f"outbound.routes[{i}]", colors, default_color)
+            if route is None:
+                continue
+            if route.host in seen:
+                ck.err(
+                    node,
+                    f"outbound.routes[{i}].host: '{route.host}' already has a route "
+                    f"(line {seen[route.host]})",
+                )
+                continue
+            seen[route.host] = route.line
+            routes.append(route)
+    return listen, tuple(routes), domain
+
+
+def _lane_route(
+    ck: _Checker, node: yaml.Node, where: str, colors: dict[str, Color], default_color: str
+) -> LaneRoute | None:
+    fields = ck.mapping(node, where, {"host", "lanes", "fallback"})
+    if "host" not in fields or "lanes" not in fields:
+        if isinstance(node, yaml.MappingNode):
+            ck.err(node, f"{where}: a route needs 'host' and 'lanes'")
+        return None
+    host = ck.string(fields["host"][1], f"{where}.host")
+    if host is not None:
+        host = host.lower().rstrip(".")
+        if not DNS_NAME_RE.match(host) or ":" in host:
+            ck.err(fields["host"][1], f"{where}.host: '{host}' is not a service name (no port)")
+            host = None
+    fallback = "stable"
+    if "fallback" in fields:
+        value = ck.string(fields["fallback"][1], f"{where}.fallback")
+        if value is not None and value not in FALLBACKS:
+            ck.err(fields["fallback"][1], f"{where}.fallback: '{value}' must be stable or fail")
+        elif value is not None:
+            fallback = value
+    lanes: dict[str, Address] = {}
+    for name, (knode, vnode) in ck.mapping(fields["lanes"][1], f"{where}.lanes", set()).items():
+        color = _known_color(ck, knode, f"{where}.lanes", colors)
+        if color is None:
+            continue
+        if color == default_color:
+            ck.err(
+                knode,
+                f"{where}.lanes.{name}: the default color '{default_color}' never enters a lane",
+            )
+            continue
+        text = ck.string(vnode, f"{where}.lanes.{name}")
+        lane = parse_lane(text) if text is not None else None
+        if lane is None:
+            if text is not None:
+                ck.err(vnode, f"{where}.lanes.{name}: '{text}' is not HOST or HOST:PORT")
+            continue
+        lanes[color] = lane
+    if host is None:
+        return None
+    return LaneRoute(node.start_mark.line + 1, host, lanes, fallback)
+
+
+def parse_lane(text: str) -> Address | None:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> Address (port 0: the request's)."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return None
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            return None
+        port = int(rest[1:]) if rest else 0
+        return Address(inner, port) if port < 65536 else None
+    host, sep, port_text = text.partition(":")
+    if sep and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+        return None
+    host = host.rstrip(".")
+    if not DNS_NAME_RE.match(host):
+        return None
+    return Address(host, int(port_text) if sep else 0)
+
+
+def _baggage(ck: _Checker, entry: Any) -> str | None:
+    """``baggage.key``: the member carrying the color; an absent section turns baggage off."""
+    if entry is None:
+        return None
+    fields = ck.mapping(entry[1], "baggage", {"key"})
+    if "key" not in fields:
+        if isinstance(entry[1], yaml.MappingNode):
+            ck.err(entry[1], "baggage: 'key' is required (the member that carries the color)")
+        return None
+    key = ck.string(fields["key"][1], "baggage.key")
+    if key is not None and not COOKIE_NAME_RE.match(key):
+        ck.err(fields["key"][1], f"baggage.key: '{key}' is not a token (RFC 9110)")
+        return None
+    return key
 
 
 def _timeouts(ck: _Checker, entry: Any) -> Timeouts:

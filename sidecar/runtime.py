@@ -50,6 +50,18 @@ def capture_ports(policy: Policy) -> Ports | str:
     return ports
 
 
+def own_mark_settable(mark: int) -> bool:
+    """Whether this process may put ``mark`` on its sockets (SO_MARK needs CAP_NET_ADMIN)."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        except OSError:
+            return False
+    return True
+
+
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
     """What changes when a file is rewritten or a ConfigMap's symlink is swapped."""
     try:
@@ -86,6 +98,8 @@ class Sidecar:
             timeouts=policy.timeouts,
             app=policy.inbound.app,
         )
+        self._resolver = None  # the lanes' resolver cache, made with the first route
+        self.ctx.lanes = self._lanes(policy)
         self.proxy = Proxy(self.ctx)
         self.datapath = None  # DatapathManager once attached
         self.dp_state = DatapathState(policy.datapath.enabled, policy.datapath.required)
@@ -97,6 +111,17 @@ class Sidecar:
         self._admin = None
         self._reload_lock = asyncio.Lock()
 
+    def _lanes(self, policy: Policy):
+        """The lane router of ``policy``, or None when it defines no route (no lookups)."""
+        if not policy.routes:
+            return None
+        from sidecar.proxy.lanerouter import LaneRouter
+        from sidecar.proxy.resolver import ResolverCache
+
+        if self._resolver is None:
+            self._resolver = ResolverCache(on_lookup=self.metrics.lane_lookup)
+        return LaneRouter(policy, self._resolver, self.metrics)
+
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -107,6 +132,7 @@ class Sidecar:
         await self._admin.start(self.policy.admin_listen)
         if self.policy.datapath.enabled:
             await self._start_datapath(self.policy)
+        self._prepare_capture(self.policy)
         await self.proxy.start(self.policy.outbound_listen, self.policy.inbound.listen)
         self.listening = True
         if self.policy.capture.enabled:
@@ -141,6 +167,29 @@ class Sidecar:
         self.dp_state.error = None
         self.datapath = manager
         self.ctx.hooks = manager
+
+    def _prepare_capture(self, policy: Policy) -> None:
+        """Keep our own upstream connections out of any capture table, then let the proxy
+        look up original destinations.
+
+        Also with ``capture.enabled: false``: an init container may have installed the
+        table (``traffic-color capture install``), and a connection it redirected must be
+        served as captured, and our sockets marked when we may. Raises ``DatapathError``
+        when our own connections would loop back through a table we install.
+        """
+        cap = policy.capture
+        if own_mark_settable(cap.own_mark):
+            self.ctx.own_mark = cap.own_mark
+        elif cap.enabled and os.geteuid() != cap.owner_uid:
+            raise DatapathError(
+                "capture",
+                f"cannot mark our sockets (SO_MARK needs CAP_NET_ADMIN) and not running as "
+                f"capture.owner_uid {cap.owner_uid} (uid {os.geteuid()}): our own upstream "
+                "connections would be captured again",
+            )
+        else:
+            self.ctx.own_mark = 0  # the uid rule keeps our connections out
+        self.ctx.capture = cap
 
     async def _install_capture(self, policy: Policy) -> None:
         """Our nftables table for the ports we listen on (a crashed run's table is replaced)."""
@@ -242,6 +291,7 @@ class Sidecar:
         )
         if policy.capture != old.capture and self.listening:
             try:
+                self._prepare_capture(policy)
                 if policy.capture.enabled:
                     await self._install_capture(policy)
                 else:
@@ -250,6 +300,7 @@ class Sidecar:
                 log.error("capture reload failed, previous table kept: %s", exc)
         self.metrics.known_colors(policy.colors)
         self.ctx.colorer = Colorer(policy, self.pod_color)
+        self.ctx.lanes = self._lanes(policy)
         self.ctx.timeouts = policy.timeouts
         self.ctx.app = policy.inbound.app
         self.policy = policy
@@ -277,6 +328,8 @@ class Sidecar:
             return False, "stopping"
         if not self.listening:
             return False, "listeners not up"
+        if self.policy.capture.enabled and self.capture_ports is None:
+            return False, "capture table not installed"
         if self.dp_state.enabled and self.dp_state.required and self.datapath is None:
             return False, f"data path required but not attached: {self.dp_state.error}"
         return True, "ready"
@@ -322,6 +375,7 @@ class Sidecar:
                     **({"admin": self.admin_address} if self.admin_address else {}),
                 }.items()
             },
+            "lanes": self.ctx.lanes.status() if self.ctx.lanes is not None else [],
             "open_flows": self.proxy.open_flows(),
             "parked_flows": self.proxy.parked_flows(),
             "datapath": {

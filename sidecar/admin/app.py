@@ -71,7 +71,8 @@ class AdminServer:
         return web.json_response(await asyncio.to_thread(self.sidecar.status))
 
     async def debug_route(self, request: web.Request) -> web.Response:
-        """Which way would a color's flow to ``dst`` go: mark, rule, table, ``ip route get``."""
+        """Which way would a color's flow to ``dst`` go: mark, rule, table, ``ip route get``;
+        with ``host`` (``NAME[:PORT]``), which destination a request of that color gets."""
         color = request.query.get("color", "")
         dst = request.query.get("dst", "")
         policy = self.sidecar.policy
@@ -79,6 +80,8 @@ class AdminServer:
             return web.json_response(
                 {"error": f"unknown color '{color}'", "colors": list(policy.colors)}, status=400
             )
+        if "host" in request.query:
+            return self._lane_route(color, request.query["host"])
         try:
             ipaddress.ip_address(dst)
         except ValueError:
@@ -97,3 +100,23 @@ class AdminServer:
         except DatapathError as exc:
             return web.json_response({"error": str(exc)}, status=500)
         return web.json_response(answer)
+
+    def _lane_route(self, color: str, host: str) -> web.Response:
+        """The lane decision for a request of ``color`` (carried by it) to ``host``."""
+        name, sep, port = host.rpartition(":") if not host.endswith("]") else ("", "", "")
+        if not sep:
+            name, port = host, "80"
+        if not name or not port.isdigit() or not 0 < int(port) < 65536:
+            return web.json_response({"error": f"host '{host}' is not NAME[:PORT]"}, status=400)
+        lanes = self.sidecar.ctx.lanes
+        if lanes is None:
+            destination = f"{name}:{port}"
+            return web.json_response(
+                {
+                    "color": color,
+                    "destination": destination,
+                    "why": "no-route",
+                    "original": destination,
+                }
+            )
+        return web.json_response(lanes.describe(color, name.strip("[]"), int(port)))

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from sidecar.baggage import EVENTS
 from sidecar.coloring import REASONS
 
 # ``*_created`` series double every scrape and no dashboard reads them.
@@ -71,6 +72,15 @@ GRPC = (
     "traffic_color_grpc_requests_total",
     "gRPC calls proxied, by direction, color and the grpc-status the client got.",
 )
+LANE_FALLBACKS = (
+    "traffic_color_lane_fallbacks_total",
+    "Requests whose lane was empty, by route host, color and why (then fallback or 503).",
+)
+LANE_LOOKUPS = ("traffic_color_lane_lookups_total", "Lookups of lane host names, by result.")
+BAGGAGE = (
+    "traffic_color_baggage_total",
+    "Requests whose W3C Baggage color member was used, disagreed with the header, or not read.",
+)
 CONNECTIONS = (
     "traffic_color_connections_total",
     "Client connections accepted, by direction and the protocol detected on them.",
@@ -85,7 +95,7 @@ PROTOCOLS = ("http1", "http2", "opaque")
 class DirectionCounts:
     """The request and rewrite counts of one direction, written by that side's hot path."""
 
-    __slots__ = ("connections", "histograms", "opaque_bytes", "requests", "rewrites")
+    __slots__ = ("baggage", "connections", "histograms", "opaque_bytes", "requests", "rewrites")
 
     def __init__(self) -> None:
         # color -> code -> [count, the color's histogram]
@@ -96,6 +106,7 @@ class DirectionCounts:
         # ``rewrites[reason]`` in place (no call), and each series reads 0 before
         # its first rewrite, as Prometheus advises for label values known up front.
         self.rewrites: dict[str, int] = dict.fromkeys(REASONS, 0)
+        self.baggage: dict[str, int] = dict.fromkeys(EVENTS, 0)  # the same, for baggage
         # Protocol -> connections (the front door adds in place); color -> opaque bytes,
         # seeded with the policy's colors by ``ProxyMetrics.known_colors``.
         self.connections: dict[str, int] = dict.fromkeys(PROTOCOLS, 0)
@@ -132,6 +143,8 @@ class ProxyMetrics(Collector):
         self._flows: dict[str, int] = {}
         self._reloads: dict[str, int] = {}
         self._grpc: dict[tuple[str, str, str], int] = {}
+        self._lane_fallbacks: dict[tuple[str, str, str], int] = {}
+        self._lane_lookups: dict[str, int] = {}
         self.registry.register(self)
 
     def direction(self, name: str) -> DirectionCounts:
@@ -147,6 +160,13 @@ class ProxyMetrics(Collector):
     def grpc_request(self, direction: str, color: str, grpc_status: str) -> None:
         key = (direction, color, grpc_status)
         self._grpc[key] = self._grpc.get(key, 0) + 1
+
+    def lane_fallback(self, host: str, color: str, reason: str) -> None:
+        key = (host, color, reason)
+        self._lane_fallbacks[key] = self._lane_fallbacks.get(key, 0) + 1
+
+    def lane_lookup(self, result: str) -> None:
+        self._lane_lookups[result] = self._lane_lookups.get(result, 0) + 1
 
     def known_colors(self, names: Iterable[str]) -> None:
         """Colors whose opaque byte series read 0 before their first byte."""
@@ -164,6 +184,7 @@ class ProxyMetrics(Collector):
         """The families without samples: lets the registry refuse a duplicate name."""
         yield from self._families({}, {}, {}, {}, {}, {}, {})
         yield self._grpc_family({})
+        yield from self._lane_families({}, {}, {})
 
     def collect(self) -> Iterator[Metric]:
         # Copies first: the loop thread may add a label set while this runs.
@@ -187,7 +208,32 @@ class ProxyMetrics(Collector):
         yield from self._families(
             req, hist, rew, self._flows.copy(), self._reloads.copy(), conns, opaque
         )
+        bag = {
+            (direction, event): n
+            for direction, counts in self.directions.items()
+            for event, n in counts.baggage.copy().items()
+        }
+        yield from self._lane_families(self._lane_fallbacks.copy(), self._lane_lookups.copy(), bag)
         yield self._grpc_family(self._grpc.copy())
+
+    @staticmethod
+    def _lane_families(
+        fallbacks: dict[tuple[str, str, str], int],
+        lookups: dict[str, int],
+        bag: dict[tuple[str, str], int],
+    ) -> Iterator[Metric]:
+        family = CounterMetricFamily(*LANE_FALLBACKS, labels=("host", "color", "reason"))
+        for labels, n in fallbacks.items():
+            family.add_metric(labels, float(n))
+        yield family
+        family = CounterMetricFamily(*LANE_LOOKUPS, labels=("result",))
+        for result, n in lookups.items():
+            family.add_metric((result,), float(n))
+        yield family
+        family = CounterMetricFamily(*BAGGAGE, labels=("direction", "event"))
+        for labels, n in bag.items():
+            family.add_metric(labels, float(n))
+        yield family
 
     @staticmethod
     def _grpc_family(grpc: dict[tuple[str, str, str], int]) -> Metric:

@@ -151,4 +151,32 @@ def format_status(data: dict) -> str:
             f"  flow table: {dp['flows']['in_map']} flows of {dp['flow_table_size']}, "
             f"{dp.get('evictions', 0)} evicted"
         )
+    out.extend(_lane_lines(data.get("lanes", [])))
     return "\n".join(out)
+
+
+def _lane_lines(routes: list[dict]) -> list[str]:
+    """``outbound.routes`` with each lane's state as the resolver cache knows it now."""
+    if not routes:
+        return []
+    rows = []
+    for route in routes:
+        for color, lane in route["lanes"].items():
+            port = f":{lane['port']}" if lane.get("port") else ""
+            names = {lane["host"]: lane, **lane.get("names", {})}
+            for name, known in names.items():
+                rows.append([route["host"], color, name + port, route["fallback"], _state(known)])
+        if not route["lanes"]:
+            rows.append([route["host"], "-", "-", route["fallback"], "no lanes"])
+    return ["", _table(["ROUTE", "COLOR", "LANE", "FALLBACK", "STATE"], rows)]
+
+
+def _state(lane: dict) -> str:
+    state = lane["state"]
+    if state == "ready":
+        state += " " + ",".join(lane["addresses"])
+    elif state == "empty":
+        state += f" ({lane['reason']})"
+    if "ttl_left" in lane:
+        state += f", {lane['ttl_left']}s left"
+    return state

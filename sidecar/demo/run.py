@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.demo import backend
+from sidecar.demo import backend, chain
 from sidecar.demo.topology import (
     CANARY_V4,
     CANARY_V6,
@@ -746,6 +746,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with _signals_as_interrupt():
         try:
             code = _run(keep, bool(getattr(args, "loopback", False)))
+            code = max(code, chain.second_act())
         except KeyboardInterrupt:
             say("\ninterrupted: what the demo started is stopped, its namespaces are removed")
             return 130

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from sidecar.admin.metrics import ProxyMetrics
     from sidecar.coloring import Colorer
-    from sidecar.policy import Address, Timeouts
+    from sidecar.policy import Address, Capture, Timeouts
+    from sidecar.proxy.lanerouter import LaneRouter
 
 Key = tuple[str, str, int]  # (color, host, port)
 
@@ -33,3 +34,8 @@ class ProxyContext:
     timeouts: Timeouts  # swapped on reload too
     app: Address  # the inbound side's upstream, swapped on reload
     hooks: FlowHooks | None = None  # may be set after start; a raising hook is logged
+    # Capture settings: each accepted connection is checked for an original destination
+    # (a capture table redirected it) and its protocol detected; None: no such check.
+    capture: Capture | None = None
+    own_mark: int = 0  # SO_MARK of our upstream sockets (capture leaves them alone); 0: none
+    lanes: LaneRouter | None = None  # outbound.routes; swapped on reload; None: no routes

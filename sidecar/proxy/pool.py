@@ -9,6 +9,7 @@ once when it closes, with the same 4-tuple.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import select
@@ -23,6 +24,7 @@ from sidecar.proxy.http1.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from sidecar.proxy.context import ProxyContext
+    from sidecar.proxy.opaque import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -125,31 +127,46 @@ class Pool:
         else:
             stack.append(conn)
 
-    async def connect(self, key: Key) -> UpstreamConnection:
+    async def connect(
+        self,
+        key: Key,
+        tunnel: Tunnel | None = None,
+        address: str | None = None,
+        timeout: float | None = None,
+    ) -> UpstreamConnection:
         """A revived parked connection for ``key``, else a new one.
 
-        Raises TimeoutError or OSError when a new one cannot be made.
+        With ``tunnel`` (an opaque relay) always a new one, joined to the tunnel
+        from its first byte. ``address`` (a lane's, looked up by the lane resolver
+        cache) is connected to instead of the key's host, within ``timeout`` instead
+        of ``timeouts.connect``. Raises TimeoutError or OSError when none can be made.
         """
-        parked = self.parked.get(key)
+        parked = self.parked.get(key) if tunnel is None else None
         while parked:
             conn = await self._revive(parked.popitem()[0])
             if conn is not None:
                 return conn
         _, host, port = key
+        host = address or host
         key = self._keys.setdefault(key, key)
         if len(self._keys) > _KEYS_CACHE:
             self._keys.clear()
         # A timeout scope, not ``wait_for``: no second task per connect (a burst of a
         # thousand requests opens a thousand at once).
-        async with asyncio.timeout(self.ctx.timeouts.connect):
-            if self.ctx.hooks is not None:
-                return await self._connect_colored(key)
-            _, conn = await self.loop.create_connection(
-                lambda: UpstreamConnection(self, key), host, port
-            )
+        async with asyncio.timeout(timeout or self.ctx.timeouts.connect):
+            if self.ctx.hooks is not None or self.ctx.own_mark:
+                return await self._connect_colored(key, host, tunnel)
+            _, conn = await self.loop.create_connection(lambda: self._new(key, tunnel), host, port)
             return conn
 
-    async def _connect_colored(self, key: Key) -> UpstreamConnection:
+    def _new(self, key: Key, tunnel: Tunnel | None) -> UpstreamConnection:
+        conn = UpstreamConnection(self, key)
+        conn.tunnel = tunnel
+        return conn
+
+    async def _connect_colored(
+        self, key: Key, host: str, tunnel: Tunnel | None
+    ) -> UpstreamConnection:
         """Register the flow before its SYN leaves, then connect.
 
         A router routes each packet by its mark, so an unmarked handshake would
@@ -158,9 +175,13 @@ class Pool:
         source address the kernel would pick anyway. ``opened`` then only adopts
         the registration (each flow hears ``flow_open`` exactly once) and ``lost``
         removes it; a connect that fails is unregistered here.
+
+        In capture mode the socket carries the sidecar's own mark (SO_MARK), which
+        the capture rules never redirect: our own flows cannot loop back to us.
         """
-        color, host, port = key
+        color, _, port = key
         hooks = self.ctx.hooks
+        mark = self.ctx.own_mark
         try:  # an address literal needs no resolver thread
             infos = socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
@@ -174,22 +195,28 @@ class Pool:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.bind((_source_address(family, addr), 0))
-                local = sock.getsockname()
-                registered = ((sys.intern(local[0]), local[1]), self.remote(addr))
-                self._registered[registered] = (registered, hooks)
-                _call_hook(hooks.flow_open, color, *registered)
+                if mark:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+                if hooks is not None:
+                    sock.bind((_source_address(family, addr), 0))
+                    local = sock.getsockname()
+                    registered = ((sys.intern(local[0]), local[1]), self.remote(addr))
+                    self._registered[registered] = (registered, hooks)
+                    _call_hook(hooks.flow_open, color, *registered)
                 await self.loop.sock_connect(sock, addr)
                 _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self, key), sock=sock
+                    lambda: self._new(key, tunnel), sock=sock
                 )
+                sock = None  # the transport's now: it closes the descriptor, once
                 if conn.addrs is None:  # reset between connect and the transport
                     raise ConnectionResetError("closed by the upstream as soon as it was accepted")
                 return conn
             except BaseException as exc:
-                sock.close()
                 if registered is not None and self._registered.pop(registered, None):
-                    _call_hook(hooks.flow_close, color, *registered)
+                    _call_hook(hooks.flow_close, color, *registered)  # type: ignore[union-attr]
+                if sock is not None:
+                    with contextlib.suppress(OSError):  # EBADF: closed under us already
+                        sock.close()
                 if not isinstance(exc, OSError):
                     raise
                 error = exc

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from sidecar.policy import Address, Timeouts
 from sidecar.proxy.context import ProxyContext
-from sidecar.proxy.http1.downstream import Downstream, Shared, access_log
+from sidecar.proxy.http1.downstream import Shared, access_log
+from sidecar.proxy.listener import Door, FrontDoor
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,20 @@ class Proxy:
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self._shared: Shared | None = None
+        self._door: Door | None = None
         self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._twins: dict[str, asyncio.AbstractServer] = {}  # IPv6 listeners in capture mode
         self._addresses: dict[str, tuple[str, int]] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self._h2: Any = None  # H2Side, made on the first HTTP/2 connection (see ``_Sniff``)
 
     async def start(self, outbound: Address, inbound: Address) -> None:
         """Listen on both sides (port 0 picks a free port; see ``addresses``)."""
         loop = asyncio.get_running_loop()
         shared = self._shared = Shared(self.ctx, loop)
+        door = self._door = Door(shared)
         for direction, where in (("outbound", outbound), ("inbound", inbound)):
             server = await loop.create_server(
-                lambda d=direction: _Sniff(self, shared, d),  # type: ignore[misc]
+                lambda d=direction: FrontDoor(door, d),  # type: ignore[misc]
                 where.host,
                 where.port,
                 reuse_address=True,
@@ -53,10 +55,14 @@ class Proxy:
             self._servers[direction] = server
             sockname = server.sockets[0].getsockname()
             self._addresses[direction] = (sockname[0], sockname[1])
+            twin = _ipv6_twin(where.host) if self.ctx.capture is not None else None
+            if twin is not None:
+                await self._listen_twin(direction, twin, sockname[1])
         out_port = self._addresses["outbound"][1]
-        for sock in self._servers["outbound"].sockets:
-            shared.own.add((sock.getsockname()[0], out_port))
-            shared.listening.append((sock.getsockname()[0], out_port))
+        for server in (self._servers["outbound"], self._twins.get("outbound")):
+            for sock in server.sockets if server is not None else ():
+                shared.own.add((sock.getsockname()[0], out_port))
+                shared.listening.append((sock.getsockname()[0], out_port))
         if outbound.host in ("0.0.0.0", "::", ""):
             shared.own.update({("127.0.0.1", out_port), ("localhost", out_port), ("::1", out_port)})
         else:
@@ -68,16 +74,35 @@ class Proxy:
             self._addresses["inbound"],
         )
 
+    async def _listen_twin(self, direction: str, host: str, port: int) -> None:
+        """The IPv6 listener beside an IPv4 one: capture redirects IPv6 flows to ``::1``
+        (outbound) or the interface's address (inbound), on the same port."""
+        door = self._door
+        try:
+            self._twins[direction] = await asyncio.get_running_loop().create_server(
+                lambda: FrontDoor(door, direction),  # type: ignore[arg-type]
+                host,
+                port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
+            )
+        except OSError as exc:  # no IPv6 in this namespace: IPv6 is not captured either
+            log.warning("no IPv6 %s listener on [%s]:%d: %s", direction, host, port, exc)
+
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:
         return dict(self._addresses)
 
     def open_flows(self) -> dict[str, int]:
-        """color -> upstream connections open now (pooled, busy and tunnels)."""
-        flows = self._shared.pool.counts() if self._shared is not None else {}
-        for color, n in (self._h2.open_flows() if self._h2 is not None else {}).items():
-            flows[color] = flows.get(color, 0) + n
-        return flows
+        """color -> upstream connections open now (pooled, busy, tunnels, relays, HTTP/2)."""
+        if self._shared is None:
+            return {}
+        counts = self._shared.pool.counts()
+        h2 = self._door.h2 if self._door is not None else None
+        if h2 is not None:
+            for color, n in h2.open_flows().items():
+                counts[color] = counts.get(color, 0) + n
+        return counts
 
     def parked_flows(self) -> int:
         """Idle upstream flows held without a transport (see ``Pool``): open all the same."""
@@ -95,10 +120,10 @@ class Proxy:
         if shared is None:
             return
         shared.draining = True
-        for server in self._servers.values():
+        for server in (*self._servers.values(), *self._twins.values()):
             server.close()
-        h2 = self._h2.drain(timeout) if self._h2 is not None else asyncio.sleep(0)
-        h2_drained = asyncio.ensure_future(h2)
+        h2 = self._door.h2 if self._door is not None else None
+        h2_drain = asyncio.ensure_future(h2.drain(timeout)) if h2 is not None else None
         shared.pool.close_idle()
         for conn in list(shared.conns):
             if not conn.queue and conn.tunnel is None:
@@ -126,23 +151,12 @@ class Proxy:
             if not shared.pool.open and not shared.conns:
                 break
             await asyncio.sleep(0.01)
-        await h2_drained
-        for server in self._servers.values():
+        if h2_drain is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(h2_drain, 1.0)
+        for server in (*self._servers.values(), *self._twins.values()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
-
-    def h2(self) -> Any:
-        """The HTTP/2 side, made (and the nghttp2 binding loaded) on first use; None if absent."""
-        if self._h2 is None:
-            try:
-                from sidecar.proxy.http2 import H2Side
-            except ImportError:
-                log.warning("HTTP/2 binding not importable: HTTP/2 connections are refused")
-                return None
-            self._h2 = H2Side(self.ctx, asyncio.get_running_loop())
-            if self._shared is not None:
-                self._h2.loops_back = self._shared.loops_back
-        return self._h2
 
     async def _sweep(self) -> None:
         shared = self._shared
@@ -161,41 +175,6 @@ class Proxy:
                 log.exception("proxy sweeper failed; continuing")
 
 
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-class _Sniff(asyncio.Protocol):
-    """Until the front door lands (issue 12): a connection opening with the HTTP/2 preface
-    goes to the HTTP/2 side, any other to HTTP/1's ``Downstream`` (made at once, so its
-    header-read timeout covers a client that sends nothing)."""
-
-    __slots__ = ("d", "direction", "head", "proxy", "shared", "transport")
-
-    def __init__(self, proxy: Proxy, shared: Shared, direction: str) -> None:
-        self.proxy, self.shared, self.direction = proxy, shared, direction
-        self.d = Downstream(shared, direction)
-        self.head = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        self.d.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        data = self.head + data
-        if len(data) < len(_PREFACE) and _PREFACE.startswith(data):
-            self.head = data
-            return
-        p: asyncio.Protocol = self.d
-        h2 = self.proxy.h2() if data.startswith(_PREFACE) else None
-        if h2 is not None:
-            self.shared.conns.discard(self.d)
-            p = h2.protocol(self.direction, None)
-            p.connection_made(self.transport)
-        self.transport.set_protocol(p)  # type: ignore[attr-defined]
-        p.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.d.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.d.connection_lost(exc)
+def _ipv6_twin(host: str) -> str | None:
+    """Where the IPv6 side of an IPv4 listener goes in capture mode (None: it has one)."""
+    return {"127.0.0.1": "::1", "0.0.0.0": "::"}.get(host)

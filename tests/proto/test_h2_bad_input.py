@@ -130,7 +130,7 @@ async def test_rapid_reset_is_enhance_your_calm_and_resets_upstream(setup: tuple
     rst = (8).to_bytes(4, "big")  # CANCEL
     # Requests whose bodies never come: their upstream streams stay open...
     await conn.send(b"".join(frame(HEADERS, END_HEADERS, sid, block) for sid in range(1, 100, 2)))
-    h2 = proxy._h2
+    h2 = proxy._door.h2
     for _ in range(200):
         if sum(len(c.streams) for c in h2.pool.open) == 50:
             break

@@ -120,7 +120,7 @@ async def test_a_slow_reader_stops_its_writer_and_gets_every_byte(
     block = hpack(request_fields("app", "/big"))
     await conn.send(frame(HEADERS, END_STREAM | END_HEADERS, 1, block))
     await asyncio.sleep(1.0)  # the upstream would send all 8 MiB in this time if let
-    h2 = proxy._h2
+    h2 = proxy._door.h2
     (down,) = h2.downs
     (relay,) = down.relays.values()
     held = buffered(relay.down_q)  # received from the upstream, not yet sent on
@@ -196,7 +196,7 @@ async def test_a_closed_connection_is_freed_without_a_garbage_collection(
             frame(HEADERS, END_STREAM | END_HEADERS, 1, hpack(request_fields("a", "/100")))
         )
         await conn.frames_until(lambda f: any(k == DATA and fl & END_STREAM for k, fl, _, _ in f))
-        (down,) = proxy._h2.downs
+        (down,) = proxy._door.h2.downs
         ref = weakref.ref(down)
         del down
         conn.close()

@@ -288,3 +288,34 @@ async def test_status_command_prints_a_table_and_json(tmp_path: Path, backend: B
         assert json.loads(raw)["policy"]["digest"] == sc.policy.digest
     finally:
         await sc.stop()
+
+
+async def test_reload_swaps_lane_routes_and_keeps_the_resolver_cache(
+    tmp_path: Path, backend: Backend
+) -> None:
+    plain = policy_text(backend.port)
+    routed = plain.replace(
+        'outbound: {listen: "127.0.0.1:0"}',
+        'outbound: {listen: "127.0.0.1:0", routes: [{host: reviews, lanes: {canary: r-canary}}]}',
+    )
+    path = configmap(tmp_path, plain)
+    sc = await started(path)
+    try:
+        assert sc.ctx.lanes is None  # no routes: no router, no lookups
+        configmap(tmp_path, routed)
+        assert await sc.reload("test") is True
+        first = sc.ctx.lanes
+        assert first is not None and first.choose("canary", "reviews", 80).host == "r-canary"
+        configmap(tmp_path, routed.replace("r-canary", "r-canary-2"))
+        assert await sc.reload("test") is True
+        assert sc.ctx.lanes is not first and sc.ctx.lanes.cache is first.cache
+        assert sc.ctx.lanes.choose("canary", "reviews", 80).host == "r-canary-2"
+        status, text = await admin_get(sc, "/debug/route?color=canary&host=reviews:9080")
+        assert status == 200 and '"destination": "r-canary-2:9080"' in text
+        status, text = await admin_get(sc, "/debug/route?color=canary&host=bad:port")
+        assert status == 400
+        configmap(tmp_path, plain)
+        assert await sc.reload("test") is True
+        assert sc.ctx.lanes is None
+    finally:
+        await sc.stop()

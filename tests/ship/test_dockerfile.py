@@ -57,12 +57,13 @@ def test_run_time_packages_and_no_build_tools_in_the_final_stage() -> None:
     ins = _instructions()
     final = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM") :]
     runs = " ".join(rest for word, rest in final if word == "RUN")
-    for package in ("python3-bpfcc", "libbpfcc", "libbpf1", "iproute2"):
+    for package in ("python3-bpfcc", "libbpfcc", "libbpf1", "iproute2", "python3-nftables"):
         assert re.search(rf"\b{package}\b", runs), package
     for tool_name in ("gcc", "build-essential", "python3-pip", "python3-venv", "pip install"):
         assert tool_name not in runs, tool_name
     assert "--no-install-recommends" in runs
     assert "/usr/lib/python3/dist-packages/bcc" in runs  # Debian's bcc linked into the venv
+    assert "/usr/lib/python3/dist-packages/nftables" in runs  # and its nftables (capture)
     labels = " ".join(rest for word, rest in final if word == "LABEL")
     for key in ("title", "description", "version", "revision", "licenses"):
         assert f"org.opencontainers.image.{key}=" in labels

@@ -35,7 +35,11 @@ POLICY_KEYS = {
         "admin",
         "timeouts",
         "datapath",
+        "baggage",
     ],
+    "outbound": ["listen", "routes", "cluster_domain"],
+    "outbound.routes[]": ["host", "lanes", "fallback"],
+    "baggage": ["key"],
     "colors.NAME": ["mark", "priority", "dscp"],
     "inbound": ["listen", "app", "trust_header", "trusted_sources", "rules"],
     "inbound.rules[]": [
@@ -75,6 +79,8 @@ def test_example_policy_parses() -> None:
     assert policy.datapath.enabled
     assert policy.datapath.routing.colors["canary"].table == 102
     assert len(policy.inbound.rules) == 3
+    assert [r.host for r in policy.routes] == ["reviews"]
+    assert policy.baggage_key == "traffic-color"
 
 
 @pytest.mark.parametrize("section", POLICY_KEYS)

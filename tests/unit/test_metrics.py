@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin.metrics import DURATION_BUCKETS, PROTOCOLS, ProxyMetrics
+from sidecar.baggage import EVENTS
 from sidecar.coloring import REASONS
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -50,6 +51,9 @@ def test_families_keep_their_names_and_types() -> None:
         "traffic_color_header_rewrites": "counter",
         "traffic_color_upstream_flows": "gauge",
         "traffic_color_policy_reloads": "counter",
+        "traffic_color_lane_fallbacks": "counter",
+        "traffic_color_lane_lookups": "counter",
+        "traffic_color_baggage": "counter",
         "traffic_color_connections": "counter",
         "traffic_color_opaque_bytes": "counter",
         "traffic_color_grpc_requests": "counter",
@@ -70,11 +74,13 @@ def test_request_series_appear_with_use_and_rewrite_reasons_read_zero_from_the_s
     m.known_colors(["stable", "canary"])
     _, samples = scrape(m.registry)
     rew = "traffic_color_header_rewrites_total"
+    bag = "traffic_color_baggage_total"
     conns = "traffic_color_connections_total"
     opaque = "traffic_color_opaque_bytes_total"
     sides = ("outbound", "inbound")
     assert samples == {
         **{(rew, labels(direction=d, reason=r)): 0.0 for d in sides for r in REASONS},
+        **{(bag, labels(direction=d, event=e)): 0.0 for d in sides for e in EVENTS},
         **{(conns, labels(direction=d, protocol=p)): 0.0 for d in sides for p in PROTOCOLS},
         **{
             (opaque, labels(direction=d, color=c)): 0.0 for d in sides for c in ("stable", "canary")

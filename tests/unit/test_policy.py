@@ -164,8 +164,9 @@ def test_all_issues_are_reported_at_once_in_line_order() -> None:
     rendered = info.value.format().splitlines()
     assert rendered == [
         "cm/policy.yaml:3: colors.canary.mark: duplicate mark 0x1 (also used by 'stable')",
-        "cm/policy.yaml:4: policy: unknown key 'bogus' (expected one of: admin, capture, "
-        "colors, datapath, default_color, header, inbound, mark_mask, outbound, timeouts, version)",
+        "cm/policy.yaml:4: policy: unknown key 'bogus' (expected one of: admin, baggage, "
+        "capture, colors, datapath, default_color, header, inbound, mark_mask, outbound, "
+        "timeouts, version)",
         "cm/policy.yaml:5: default_color: 'x' is not defined under colors",
     ]
 

@@ -50,6 +50,7 @@ from sidecar.proxy.http1.exchange import (
     parse_authority,
 )
 from sidecar.proxy.http1.upstream import UpstreamConnection
+from sidecar.proxy.lanes import LANE, Choice, EmptyLane, LaneTable
 from sidecar.proxy.opaque import Tunnel
 from sidecar.proxy.pool import Pool
 
@@ -158,6 +159,8 @@ class Shared:
         if side is None:
             capture = frozenset() if outbound else colorer.inbound_capture
             special = HOP_BY_HOP | capture | {colorer.header, b"host", b"transfer-encoding"}
+            if colorer.baggage_key is not None:
+                special |= {b"baggage"}  # read for the color, rewritten (see ``_start``)
             # names: header name as received -> lower-case form if special, else b"" (see
             # ``Downstream.on_header``); color_ends: color -> its header line and the CRLF
             # ending the head (see ``Downstream._color_end``).
@@ -169,6 +172,7 @@ class Request:
     """One request's state, from its first byte to its response's last byte."""
 
     __slots__ = (
+        "baggage",
         "body_seen",
         "captured",
         "chunked",
@@ -187,6 +191,7 @@ class Request:
         "hsize",
         "http11",
         "keep_alive",
+        "lane",
         "method",
         "pending",
         "pieces",
@@ -207,6 +212,7 @@ class Request:
         self.host: bytes | None = None
         self.host_at = -1
         self.colors: list[bytes] | None = None
+        self.baggage: list[bytes] | None = None  # baggage header values, when baggage is on
         self.captured: dict[bytes, list[bytes]] | None = None
         self.upgrade_value = b""
         # Header names a Connection header declared hop-by-hop, plus ``_UNFRAMED``: the
@@ -227,6 +233,7 @@ class Request:
         self.head = b""
         self.color = ""
         self.target: Key | None = None
+        self.lane: Choice | None = None  # a lane chosen, until its connection is up
         self.conn: UpstreamConnection | None = None
         self.code = 0
         self.retried = False
@@ -247,6 +254,7 @@ class Downstream(asyncio.Protocol):
         "ctx",
         "cur",
         "direction",
+        "dst",
         "early",
         "eof",
         "error_after",
@@ -279,6 +287,9 @@ class Downstream(asyncio.Protocol):
         self.loop = shared.loop
         self.direction = direction
         self.outbound = direction == "outbound"
+        # Where a captured client was going (set by the front door): the upstream is
+        # that address, Host untouched; None keeps the proxy's own rules (Host names it).
+        self.dst: tuple[str, int] | None = None
         self.counts: DirectionCounts = shared.ctx.metrics.direction(direction)
         # per connection
         self.transport: asyncio.Transport | None = None
@@ -498,6 +509,12 @@ class Downstream(asyncio.Protocol):
             else:
                 ex.colors.append(value)
             return
+        if lname == b"baggage":
+            if ex.baggage is None:
+                ex.baggage = [value]
+            else:
+                ex.baggage.append(value)
+            return
         if lname in HOP_BY_HOP:
             ex.hop = True
             if lname == b"connection":
@@ -617,7 +634,11 @@ class Downstream(asyncio.Protocol):
         try:
             if self.outbound:
                 url = ex.url
-                if url[:1] == b"/" and ex.host is not None:
+                if self.dst is not None and not ex.connect:
+                    hostport = self.dst  # captured: where the app was going, as it said it
+                    host, port = hostport
+                    target, new_host = url, None
+                elif url[:1] == b"/" and ex.host is not None:
                     # origin-form, the common case: the Host header names the upstream
                     try:
                         hostport = self.shared.authorities[ex.host]
@@ -643,7 +664,9 @@ class Downstream(asyncio.Protocol):
                 if ex.connect:
                     raise DownstreamProtocolError("CONNECT is not served on the inbound side", 405)
                 app = self.ctx.app
-                host, port = app.host, app.port
+                # captured: the app on the port the client dialled, so no Service
+                # needs its targetPort changed
+                host, port = app.host, app.port if self.dst is None else self.dst[1]
                 target, new_host = inbound_target(ex.method, ex.url)
                 if (
                     new_host is None
@@ -661,6 +684,13 @@ class Downstream(asyncio.Protocol):
             ex.color = colorer.pod_color
             self._fail(ex, exc.status_hint, str(exc))
             return
+        bag = None
+        if colorer.baggage_key is not None:
+            color, reason, event, bag = colorer.with_baggage(
+                color, reason, ex.baggage or (), self.outbound or self.trusted
+            )
+            if event is not None:
+                self.counts.baggage[event] += 1
         if reason is not None:
             self.counts.rewrites[reason] += 1
         ex.color = color
@@ -679,6 +709,9 @@ class Downstream(asyncio.Protocol):
         pieces[0] = b"%s %s HTTP/1.1\r\n" % (ex.method, target)
         if ex.upgrade:
             pieces.extend((b"upgrade: ", ex.upgrade_value, b"\r\nconnection: upgrade\r\n"))
+        if bag is not None:
+            for value in bag:
+                pieces.extend((b"baggage: ", value, b"\r\n"))
         try:
             pieces.append(self.color_ends[color])
         except KeyError:
@@ -686,6 +719,13 @@ class Downstream(asyncio.Protocol):
         ex.head = b"".join(pieces)
         ex.pieces = []
         key = ex.target = (color, host, port)
+        lanes = self.ctx.lanes
+        if lanes is not None and self.outbound:
+            # The Host stays the app's; only where the connection goes changes.
+            choice = lanes.choose(color, host, port, reason is None)
+            if choice.why == LANE:
+                ex.lane = choice
+                key = ex.target = (color, choice.host, choice.port)
         conn = self.shared.pool.take(key)
         if conn is not None:
             conn.attach(ex, self)
@@ -700,8 +740,31 @@ class Downstream(asyncio.Protocol):
         self._connect(ex, key)
 
     def _connect(self, ex: Request, key: Key) -> None:
-        task = self.loop.create_task(self.shared.pool.connect(key))
+        lanes = self.ctx.lanes
+        if ex.lane is not None and lanes is not None:
+            connect = functools.partial(self.shared.pool.connect, key, None)  # no tunnel
+            task = self.loop.create_task(lanes.open(ex.lane, connect))
+        else:
+            task = self.loop.create_task(self.shared.pool.connect(key))
         task.add_done_callback(functools.partial(self._connected, ex))
+
+    def _fall_back(self, ex: Request, lane: Choice, reason: str) -> None:
+        """The lane was empty: the original destination, same color; or 503 (``fail``)."""
+        lanes = self.ctx.lanes  # None: the routes went away in a reload meanwhile
+        back = LaneTable.fallback(lane, reason) if lanes is None else lanes.fall_back(lane, reason)
+        if back is None:
+            route = lane.route.host  # type: ignore[union-attr]
+            text = f"lane {lane.host} of {route} is empty ({reason}); the route says fallback: fail"
+            self._fail(ex, 503, text)
+            return
+        if not self.queue or self.queue[0] is not ex:
+            return  # nobody waits for it any more
+        key = ex.target = (ex.color, back.host, back.port)
+        conn = self.shared.pool.take(key)
+        if conn is not None:
+            conn.attach(ex, self)
+        else:
+            self._connect(ex, key)
 
     def _connected(self, ex: Request, task: asyncio.Task[UpstreamConnection]) -> None:
         exc = None if task.cancelled() else task.exception()
@@ -716,6 +779,11 @@ class Downstream(asyncio.Protocol):
             # and leave the client waiting for ever.
             exc = ConnectionResetError("closed by the upstream as soon as it was accepted")
         if self.closing:
+            return
+        lane = ex.lane
+        if lane is not None and isinstance(exc, EmptyLane):
+            ex.lane = None
+            self._fall_back(ex, lane, exc.reason)
             return
         _, host, port = ex.target  # type: ignore[misc]
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

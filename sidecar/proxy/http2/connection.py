@@ -138,7 +138,6 @@ class Downstream(Conn):
         self.transport = transport  # type: ignore[assignment]
         side = self.side
         side.downs.add(self)
-        self.counts.connections["http2"] += 1
         self.idle_since = side.loop.time()
         if not self.outbound:
             peer = transport.get_extra_info("peername")

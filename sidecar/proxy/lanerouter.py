@@ -1,0 +1,92 @@
+"""Lanes at run time: the pure decision of ``lanes.py`` plus the lookups, the lane connect
+timeout and the fallback counts. One per policy; the resolver cache outlives reloads.
+
+The HTTP/1 and HTTP/2 paths call ``choose``, then ``open`` for a lane choice, then
+``fall_back`` when ``open`` raised ``EmptyLane`` (see ``lanes.py`` for the sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from sidecar.proxy.lanes import REFUSED, TIMEOUT, Choice, EmptyLane, LaneTable
+from sidecar.proxy.resolver import ResolverCache
+
+if TYPE_CHECKING:
+    from sidecar.admin.metrics import ProxyMetrics
+    from sidecar.policy import Policy
+
+T = TypeVar("T")
+
+# connect(address, timeout) -> a connection to that address at the choice's port;
+# raises TimeoutError or OSError
+Connect = Callable[[str, float], Awaitable[T]]
+
+
+class LaneRouter:
+    """What the proxy asks about lanes; ``None`` in the context when no route is defined."""
+
+    def __init__(self, policy: Policy, cache: ResolverCache, metrics: ProxyMetrics) -> None:
+        self.table = LaneTable(policy.routes, policy.default_color, policy.cluster_domain)
+        self.cache = cache
+        self.metrics = metrics
+        self.timeout = policy.timeouts.lane_connect
+        self.choose = self.table.choose  # the hot path calls the table's method directly
+
+    async def open(self, choice: Choice, connect: Connect[T]) -> T:
+        """A connection to ``choice``'s lane; raises ``EmptyLane`` when it has nobody."""
+        down = self.cache.known_down(choice.host, choice.port)
+        if down is not None:
+            raise EmptyLane(choice.host, down)
+        addresses = await self.cache.resolve(choice.host)
+        try:
+            return await connect(addresses[0], self.timeout)
+        except TimeoutError:
+            reason = TIMEOUT
+        except OSError:  # refused, reset at once, unreachable: an answer that says no
+            reason = REFUSED
+        self.cache.mark_down(choice.host, choice.port, reason)
+        raise EmptyLane(choice.host, reason)
+
+    def fall_back(self, choice: Choice, reason: str) -> Choice | None:
+        """Count an empty lane; the original destination, or None to answer 503."""
+        assert choice.route is not None
+        self.metrics.lane_fallback(choice.route.host, choice.color, reason)
+        if choice.fallback_fails:
+            return None
+        return self.table.fallback(choice, reason)
+
+    def describe(self, color: str, host: str, port: int) -> dict:
+        """``/debug/route?color=&host=``: where a carried ``color`` to ``host`` goes now."""
+        choice = self.table.choose(color, host, port, True)
+        out = choice.describe()
+        if choice.route is not None and choice.why == "lane":
+            out["lane"] = self.cache.state(choice.host, choice.port)
+            reason = out["lane"].get("reason")
+            if reason is not None:
+                fallback = self.table.fallback(choice, reason)
+                out = {**out, **fallback.describe(), "lane": out["lane"]}
+                if choice.fallback_fails:
+                    out["destination"] = None
+                    out["answer"] = 503
+        return out
+
+    def status(self) -> list[dict]:
+        """The routes with their lanes' state, for ``/status``."""
+        out = []
+        for route in self.table.routes:
+            lanes = {}
+            for color, lane in route.lanes.items():
+                lanes[color] = {
+                    "host": lane.host,
+                    "port": lane.port or None,
+                    **self.cache.state(lane.host, lane.port),
+                }
+                qualified = [n for n in self.cache.names_of(lane.host) if n != lane.host]
+                if qualified:
+                    lanes[color]["names"] = {n: self.cache.state(n, lane.port) for n in qualified}
+            out.append(
+                {"host": route.host, "fallback": route.fallback, "line": route.line, "lanes": lanes}
+            )
+        return out
