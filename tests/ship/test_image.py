@@ -141,32 +141,53 @@ def test_build_ca_bundle_is_not_in_the_image(built: Built) -> None:
     assert digest not in sums.stdout
 
 
-def test_the_commands_injection_writes_into_pods_run_in_the_image(built: Built) -> None:
-    """The postStart hook and the sidecar's args, as injected, as the uid they run as."""
-    from sidecar.inject.mutation import InjectConfig, inject_pod
+def test_the_commands_injection_writes_into_pods_run_in_the_image(
+    built: Built, tmp_path: Path
+) -> None:
+    """The capture init container's args, the postStart hook and the sidecar's args,
+    as injected, run in the image as the uid each one runs as, with the chart's policy
+    where the pod mounts it."""
+    import yaml
 
-    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "a"}]}}
+    from sidecar.inject.mutation import POLICY_DIR, InjectConfig, inject_pod
+
+    pod = {
+        "metadata": {
+            "name": "p",
+            "annotations": {"traffic-color.io/exclude-outbound-ports": "5432"},
+        },
+        "spec": {"containers": [{"name": "a", "image": "a"}]},
+    }
     injected, _ = inject_pod(pod, InjectConfig(image=IMAGE))
+    (capture,) = injected["spec"]["initContainers"]
     sidecar = injected["spec"]["containers"][0]
-    uid = sidecar["securityContext"]["runAsUser"]
-    hook = sidecar["lifecycle"]["postStart"]["exec"]["command"]
-    assert hook[-2] == "--timeout"
+    values = yaml.safe_load((REPO / "charts/traffic-color/values.yaml").read_text())
+    (tmp_path / "policy.yaml").write_text(values["policy"]["content"])
+    (tmp_path / "policy.yaml").chmod(0o644)
+    tmp_path.chmod(0o755)
 
-    def run_as(*command: str) -> subprocess.CompletedProcess[str]:
+    def run_as(container: dict, *command: str) -> subprocess.CompletedProcess[str]:
+        uid = container["securityContext"]["runAsUser"]
         return subprocess.run(
             [
                 *("buildah", *STORAGE, "run", "--isolation", "chroot"),
-                *("--user", f"{uid}:{uid}", built.container, "--", *command),
+                *("--user", f"{uid}:{uid}", "--volume", f"{tmp_path}:{POLICY_DIR}:ro"),
+                *(built.container, "--", *command),
             ],
             capture_output=True,
             text=True,
             timeout=120,
         )
 
+    # The image's entrypoint is traffic-color: args are a command of it.
+    dry = run_as(capture, "traffic-color", *capture["args"], "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "redirect" in dry.stdout and "5432" in dry.stdout
     # Nothing serves /readyz in the build container: the hook waits, then says why.
-    waited = run_as(*hook[:-1], "1")
+    hook = sidecar["lifecycle"]["postStart"]["exec"]["command"]
+    assert hook[-2] == "--timeout"
+    waited = run_as(sidecar, *hook[:-1], "1")
     assert waited.returncode == 1, waited.stderr
     assert "wait-ready: http://127.0.0.1:15090/readyz not ready after 1 s" in waited.stderr
-    # The image's entrypoint is traffic-color: the sidecar's args are a command of it.
-    args = run_as("traffic-color", *sidecar["args"], "--help")
+    args = run_as(sidecar, "traffic-color", *sidecar["args"], "--help")
     assert args.returncode == 0 and "--policy" in args.stdout
