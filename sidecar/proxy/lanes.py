@@ -8,15 +8,21 @@ HTTP/2), where to connect and why. A request only enters a lane when it carried 
 color of its own (header or baggage) that is not the policy's default color:
 stable and uncolored traffic always goes where the app sent it.
 
+In capture mode the name still comes from the request (the app dialled an
+address, e.g. a ClusterIP, and routes name services), the port is the one
+dialled, and ``original``, the captured destination, is where every choice but a
+lane's goes and where an empty lane falls back.
+
 Whether the lane is empty (its name does not resolve, resolves to nothing, refuses
 or does not answer within ``timeouts.lane_connect``) is found out by connecting:
 ``sidecar.proxy.lanerouter.LaneRouter`` does that I/O, counts fallbacks and turns
 an empty lane into the original destination, or into a 503 with ``fallback: fail``.
 
-How a protocol path uses lanes (HTTP/1 in ``protocol.py``; the HTTP/2 stream path
-calls the same three functions with ``:authority``)::
+How a protocol path uses lanes (HTTP/1 in ``http1/downstream.py``; the HTTP/2
+stream path does not call them yet, and is to call the same three with
+``:authority``)::
 
-    choice = ctx.lanes.choose(color, host, port, carried)   # pure, cached
+    choice = ctx.lanes.choose(color, host, port, carried, original)  # pure, cached
     if choice.why == LANE:
         try:
             conn = await ctx.lanes.open(choice, connect)     # connect(ip, timeout)
@@ -27,7 +33,7 @@ calls the same three functions with ``:authority``)::
     # pool keys use (color, choice.host, choice.port), so lane flows never mix.
 
 For HTTP/2, where many streams wait on one new upstream connection of a lane key
-(``sidecar/proxy/http2/pool.py``), ``open`` wraps that connection's connect
+(``sidecar/proxy/http2/pool.py``), ``open`` is to wrap that connection's connect
 (``connect(ip, timeout)`` dials the address the cache found, at the key's port); on
 ``EmptyLane`` each waiting stream gets ``fall_back`` (counted per stream) and is
 assigned again under ``(color, *choice.original)``, or fails UNAVAILABLE when
@@ -128,7 +134,7 @@ class LaneTable:
             name, _, ns = route.host.partition(".")
             ns = ns.split(".", 1)[0] if ns else None
             self._by_name.setdefault(name, []).append((ns, route))
-        self._cache: dict[tuple[str, str, int, bool], Choice] = {}
+        self._cache: dict[tuple[str, str, int, bool, tuple[str, int] | None], Choice] = {}
 
     def match(self, host: str) -> tuple[LaneRoute, str] | None:
         """The route naming ``host`` and the part of ``host`` after the service name."""
@@ -146,38 +152,48 @@ class LaneTable:
                 return route, (dot + rest)
         return None
 
-    def choose(self, color: str, host: str, port: int, carried: bool = True) -> Choice:
+    def choose(
+        self,
+        color: str,
+        host: str,
+        port: int,
+        carried: bool = True,
+        original: tuple[str, int] | None = None,
+    ) -> Choice:
         """Where a request of ``color`` to ``host:port`` goes now, and why.
 
         ``carried``: the color came with the request (header or baggage) rather than
-        being the pod's own for a request that had none.
+        being the pod's own for a request that had none. ``original``: where the
+        request goes unless it enters a lane, when that is not ``host:port`` itself
+        (capture mode: the destination the app dialled).
         """
-        key = (color, host, port, carried)
+        key = (color, host, port, carried, original)
         try:
             return self._cache[key]
         except KeyError:
             pass
-        choice = self._choose(color, host, port, carried)
+        choice = self._choose(color, host, port, carried, original or (host, port))
         if len(self._cache) >= _CACHE:
             self._cache.clear()
         self._cache[key] = choice
         return choice
 
-    def _choose(self, color: str, host: str, port: int, carried: bool) -> Choice:
-        original = (host, port)
+    def _choose(
+        self, color: str, host: str, port: int, carried: bool, original: tuple[str, int]
+    ) -> Choice:
         if is_ip(host):
-            return Choice(color, host, port, NO_ROUTE, original)
+            return Choice(color, *original, NO_ROUTE, original)
         found = self.match(host)
         if found is None:
-            return Choice(color, host, port, NO_ROUTE, original)
+            return Choice(color, *original, NO_ROUTE, original)
         route, suffix = found
         if color == self.default_color:
-            return Choice(color, host, port, STABLE, original, route)
+            return Choice(color, *original, STABLE, original, route)
         if not carried:
-            return Choice(color, host, port, UNCOLORED, original, route)
+            return Choice(color, *original, UNCOLORED, original, route)
         lane = route.lanes.get(color)
         if lane is None:
-            return Choice(color, host, port, NO_LANE, original, route)
+            return Choice(color, *original, NO_LANE, original, route)
         lane_host = lane.host
         if "." not in lane_host and not is_ip(lane_host):
             lane_host += suffix

@@ -171,3 +171,30 @@ def test_decisions_are_cached_per_color_host_port() -> None:
     t = table()
     assert t.choose("canary", "reviews", 80) is t.choose("canary", "reviews", 80)
     assert t.choose("canary", "reviews", 81) is not t.choose("canary", "reviews", 80)
+
+
+def test_a_captured_request_matches_its_host_name_and_falls_back_to_the_dialled_address() -> None:
+    """Capture mode: the app dialled a ClusterIP; the route matches the Host's name, the
+    lane gets the dialled port, and everything but the lane goes to the dialled address."""
+    t = table()
+    dialled = ("198.18.0.10", 9080)
+    lane = t.choose("canary", "reviews.shop", 9080, original=dialled)
+    assert (lane.why, lane.host, lane.port, lane.original) == (
+        LANE,
+        "reviews-canary.shop",
+        9080,
+        dialled,
+    )
+    back = t.fallback(lane, TIMEOUT)
+    assert (back.color, back.host, back.port) == ("canary", *dialled)
+    for choice in (
+        t.choose("stable", "reviews", 9080, original=dialled),
+        t.choose("canary", "reviews", 9080, carried=False, original=dialled),
+        t.choose("canary", "details", 9080, original=dialled),
+        t.choose("blue", "ratings.shop", 9080, original=dialled),
+    ):
+        assert choice.why != LANE and (choice.host, choice.port) == choice.original == dialled
+    # the original is part of the cached decision: another captured address, another answer
+    other = t.choose("canary", "reviews.shop", 9080, original=("198.18.0.11", 9080))
+    assert other.original == ("198.18.0.11", 9080)
+    assert t.choose("canary", "reviews.shop", 9080).original == ("reviews.shop", 9080)

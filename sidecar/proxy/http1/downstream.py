@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from sidecar.admin.metrics import DirectionCounts
     from sidecar.policy import Timeouts
     from sidecar.proxy.context import Key, ProxyContext
+    from sidecar.proxy.lanerouter import LaneRouter
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sidecar.access")
@@ -723,8 +724,11 @@ class Downstream(asyncio.Protocol):
         lanes = self.ctx.lanes
         if lanes is not None and self.outbound:
             # The Host stays the app's; only where the connection goes changes.
-            choice = lanes.choose(color, host, port, reason is None)
-            if choice.why == LANE:
+            if self.dst is None:
+                choice = lanes.choose(color, host, port, reason is None)
+            else:
+                choice = self._captured_lane(lanes, ex.host, color, reason is None)
+            if choice is not None and choice.why == LANE:
                 ex.lane = choice
                 key = ex.target = (color, choice.host, choice.port)
         conn = self.shared.pool.take(key)
@@ -732,6 +736,25 @@ class Downstream(asyncio.Protocol):
             conn.attach(ex, self)
         else:
             self._connect(ex, key)
+
+    def _captured_lane(
+        self, lanes: LaneRouter, host: bytes | None, color: str, carried: bool
+    ) -> Choice | None:
+        """Captured: ``host`` is an address the app dialled (a ClusterIP) and routes name
+        services, so the route is matched on the Host header's name at the dialled port,
+        and that destination is the original an empty lane falls back to. None (no lane)
+        without a valid Host."""
+        if host is None:
+            return None
+        try:
+            name = self.shared.authorities[host][0]
+        except KeyError:
+            try:
+                name = self.shared.authority(host)[0]
+            except DownstreamProtocolError:
+                return None
+        dst: tuple[str, int] = self.dst  # type: ignore[assignment]
+        return lanes.choose(color, name, dst[1], carried, dst)
 
     def _open_connect(self, ex: Request) -> None:
         """CONNECT host:port: a tunnel whose flow carries the pod's color."""
