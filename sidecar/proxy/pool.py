@@ -15,7 +15,8 @@ import os
 import select
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sidecar.memtrim import give_back_free_memory
 from sidecar.proxy.batch import WriteBatch
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from sidecar.proxy.opaque import Tunnel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_IDLE_PER_KEY = 256  # idle connections kept per pool key; more are closed on release
 # Idle connections per pool key that keep their transport when released; the rest,
@@ -186,48 +188,38 @@ class Pool:
         """
         color, _, port = key
         hooks = self.ctx.hooks
-        mark = self.ctx.own_mark
-        try:  # an address literal needs no resolver thread
-            infos = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
-            )
-        except socket.gaierror:
-            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        error: OSError = OSError(f"no address for {host}")
-        for family, _, _, _, addr in infos:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            registered = None
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if mark:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-                if dscp is not None:
-                    sock.setsockopt(*tos_option(family, dscp))
-                if hooks is not None:
-                    sock.bind((_source_address(family, addr), 0))
-                    local = sock.getsockname()
-                    registered = ((sys.intern(local[0]), local[1]), self.remote(addr))
-                    self._registered[registered] = (registered, hooks)
-                    _call_hook(hooks.flow_open, color, *registered)
-                await self.loop.sock_connect(sock, addr)
-                _, conn = await self.loop.create_connection(
-                    lambda: self._new(key, tunnel), sock=sock
-                )
-                sock = None  # the transport's now: it closes the descriptor, once
-                if conn.addrs is None:  # reset between connect and the transport
-                    raise ConnectionResetError("closed by the upstream as soon as it was accepted")
-                return conn
-            except BaseException as exc:
-                if registered is not None and self._registered.pop(registered, None):
-                    _call_hook(hooks.flow_close, color, *registered)  # type: ignore[union-attr]
-                if sock is not None:
-                    with contextlib.suppress(OSError):  # EBADF: closed under us already
-                        sock.close()
-                if not isinstance(exc, OSError):
-                    raise
-                error = exc
-        raise error
+        registered: list[tuple[tuple[str, int], tuple[str, int]]] = []
+
+        def register(local: tuple, remote: tuple) -> None:
+            flow = ((sys.intern(local[0]), local[1]), self.remote(remote))
+            registered.append(flow)
+            self._registered[flow] = (flow, hooks)
+            _call_hook(hooks.flow_open, color, *flow)  # type: ignore[union-attr]
+
+        def unregister() -> None:
+            flow = registered.pop()
+            if self._registered.pop(flow, None):
+                _call_hook(hooks.flow_close, color, *flow)  # type: ignore[union-attr]
+
+        async def transport(sock: socket.socket) -> UpstreamConnection:
+            _, conn = await self.loop.create_connection(lambda: self._new(key, tunnel), sock=sock)
+            return conn
+
+        def check(conn: UpstreamConnection) -> None:
+            if conn.addrs is None:  # reset between connect and the transport
+                raise ConnectionResetError("closed by the upstream as soon as it was accepted")
+
+        return await connect_flow(
+            self.loop,
+            host,
+            port,
+            transport,
+            mark=self.ctx.own_mark,
+            dscp=dscp,
+            register=register if hooks is not None else None,
+            unregister=unregister,
+            check=check,
+        )
 
     def remote(self, sockaddr: tuple) -> tuple[str, int]:
         """``(host, port)`` of an upstream's socket address: one tuple shared by its flows."""
@@ -426,6 +418,64 @@ def tos_option(family: int, dscp: int) -> tuple[int, int, int]:
     if family == socket.AF_INET6:
         return socket.IPPROTO_IPV6, socket.IPV6_TCLASS, dscp << 2
     return socket.IPPROTO_IP, socket.IP_TOS, dscp << 2
+
+
+async def connect_flow(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    transport: Callable[[socket.socket], Awaitable[T]],
+    *,
+    mark: int = 0,
+    dscp: int | None = None,
+    register: Callable[[tuple, tuple], None] | None = None,
+    unregister: Callable[[], None] | None = None,
+    check: Callable[[T], None] | None = None,
+) -> T:
+    """Connect one upstream flow the way both pools need it, trying each address in turn.
+
+    The socket gets the sidecar's own mark (capture leaves it alone) and the color's
+    DSCP before its SYN; with ``register``, it is bound first so that its 4-tuple is
+    told (``register(local, remote)``) before the handshake, and a failed attempt is
+    told ``unregister()``. ``transport(sock)`` makes the connection object, which owns
+    the socket from then on (never closed here again); ``check`` may still refuse it,
+    as a failed attempt. Raises the last OSError when no address could be reached.
+    """
+    try:  # an address literal needs no resolver thread
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, _, _, _, addr in infos:
+        sock: socket.socket | None = socket.socket(family, socket.SOCK_STREAM)
+        registered = False
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            if dscp is not None:
+                sock.setsockopt(*tos_option(family, dscp))
+            if register is not None:
+                sock.bind((_source_address(family, addr), 0))
+                register(sock.getsockname(), addr)
+                registered = True
+            await loop.sock_connect(sock, addr)
+            result = await transport(sock)
+            sock = None  # the transport's now: it closes the descriptor, once
+            if check is not None:
+                check(result)
+            return result
+        except BaseException as exc:
+            if registered and unregister is not None:
+                unregister()
+            if sock is not None:
+                with contextlib.suppress(OSError):  # EBADF: closed under us already
+                    sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            error = exc
+    raise error
 
 
 def _source_address(family: int, addr: tuple) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sidecar.proxy.context import Key
 from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.connection import Upstream
-from sidecar.proxy.pool import _call_hook, _source_address, color_dscp, tos_option
+from sidecar.proxy.pool import _call_hook, color_dscp, connect_flow
 
 if TYPE_CHECKING:
     from sidecar.proxy.http2.side import H2Side
@@ -135,37 +135,27 @@ class H2Pool:
         if hooks is None and not mark and dscp is None:
             await self.loop.create_connection(lambda: conn, host, port)
             return
-        try:
-            infos = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
-            )
-        except socket.gaierror:
-            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        error: OSError = OSError(f"no address for {host}")
-        for family, _, _, _, addr in infos:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if mark:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-                if dscp is not None:
-                    sock.setsockopt(*tos_option(family, dscp))
-                if hooks is not None:
-                    sock.bind((_source_address(family, addr), 0))
-                    local = sock.getsockname()
-                    conn.addrs = ((sys.intern(local[0]), local[1]), (addr[0], addr[1]))
-                    conn.hooks = hooks
-                    _call_hook(hooks.flow_open, color, *conn.addrs)
-                await self.loop.sock_connect(sock, addr)
-                await self.loop.create_connection(lambda: conn, sock=sock)
-                return
-            except BaseException as exc:
-                sock.close()
-                if conn.hooks is not None:
-                    conn.hooks = None
-                    _call_hook(hooks.flow_close, color, *conn.addrs)  # type: ignore[misc, union-attr]
-                if not isinstance(exc, OSError):
-                    raise
-                error = exc
-        raise error
+
+        def register(local: tuple, remote: tuple) -> None:
+            conn.addrs = ((sys.intern(local[0]), local[1]), (remote[0], remote[1]))
+            conn.hooks = hooks
+            _call_hook(hooks.flow_open, color, *conn.addrs)  # type: ignore[union-attr]
+
+        def unregister() -> None:
+            if conn.hooks is not None:
+                conn.hooks = None
+                _call_hook(hooks.flow_close, color, *conn.addrs)  # type: ignore[misc, union-attr]
+
+        async def transport(sock: socket.socket) -> None:
+            await self.loop.create_connection(lambda: conn, sock=sock)
+
+        await connect_flow(
+            self.loop,
+            host,
+            port,
+            transport,
+            mark=mark,
+            dscp=dscp,
+            register=register if hooks is not None else None,
+            unregister=unregister,
+        )
