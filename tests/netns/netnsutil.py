@@ -122,10 +122,15 @@ class NameServer:
     The answer proves that the request reached this host over an established
     flow; a connection stays open until the client closes it, so a test can
     send again on the same flow later. Bounded: at most ``max_conns``
-    connections, every socket has a timeout, ``close()`` stops it all.
+    connections, every socket has a timeout, ``close()`` stops it all. The bound is
+    per server and module-scoped fixtures share servers across tests, so it is set
+    well above what a test module makes (past it, the kernel still completes
+    handshakes on the listening socket but nobody answers).
     """
 
-    def __init__(self, netns: str, address: str, port: int, name: str, max_conns: int = 64) -> None:
+    def __init__(
+        self, netns: str, address: str, port: int, name: str, max_conns: int = 4096
+    ) -> None:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.sock = ns_socket(netns, family)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
