@@ -12,9 +12,11 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sidecar.datapath import abi, bpfsys
+
+E = TypeVar("E", abi.ColorEntry, abi.NodeColorEntry)
 
 if TYPE_CHECKING:
     from sidecar.datapath.build import Classifier
@@ -142,18 +144,8 @@ class ColorTable:
     def read(self) -> dict[int, abi.ColorEntry]:
         """The live generation's present colors, by id (for status and tests)."""
         gen = self.generation()
-        out = {}
-        for cid in range(1, abi.SC_MAX_COLORS):
-            raw = bpfsys.map_lookup(
-                self.colors_fd,
-                ctypes.c_uint32(abi.color_slot(gen, cid)),
-                ctypes.sizeof(abi.ColorEntry),
-            )
-            if raw is not None:
-                entry = abi.ColorEntry.from_buffer_copy(raw)
-                if entry.flags & abi.F_PRESENT:
-                    out[cid] = entry
-        return out
+        slots = {cid: abi.color_slot(gen, cid) for cid in range(1, abi.SC_MAX_COLORS)}
+        return present_entries(self.colors_fd, slots, abi.ColorEntry)
 
 
 class Counters:
@@ -215,18 +207,8 @@ class NodeColorTable(ColorTable):
     def read(self) -> dict[int, abi.NodeColorEntry]:  # type: ignore[override]
         """The live generation's present entries, by DSCP."""
         gen = self.generation()
-        out = {}
-        for dscp in range(abi.SC_DSCP_VALUES):
-            raw = bpfsys.map_lookup(
-                self.colors_fd,
-                ctypes.c_uint32(abi.node_color_slot(gen, dscp)),
-                ctypes.sizeof(abi.NodeColorEntry),
-            )
-            if raw is not None:
-                entry = abi.NodeColorEntry.from_buffer_copy(raw)
-                if entry.flags & abi.F_PRESENT:
-                    out[dscp] = entry
-        return out
+        slots = {dscp: abi.node_color_slot(gen, dscp) for dscp in range(abi.SC_DSCP_VALUES)}
+        return present_entries(self.colors_fd, slots, abi.NodeColorEntry)
 
 
 class NodeCounters:
@@ -275,3 +257,19 @@ class NodeCounters:
 
     def _index(self, ifindex: int) -> ctypes.c_uint32:
         return ctypes.c_uint32(ifindex & (self.ifindex_slots - 1))
+
+
+def present_entries(fd: int, slots: dict[int, int], entry_type: type[E]) -> dict[int, E]:
+    """The entries of an array map of color entries that carry ``F_PRESENT``, by key.
+
+    ``slots``: key -> array index (the pod's color ids and the node's DSCP values both
+    sit in two generations of one array, so the live one is chosen by the caller).
+    """
+    out: dict[int, E] = {}
+    for key, slot in slots.items():
+        raw = bpfsys.map_lookup(fd, ctypes.c_uint32(slot), ctypes.sizeof(entry_type))
+        if raw is not None:
+            entry = entry_type.from_buffer_copy(raw)
+            if entry.flags & abi.F_PRESENT:
+                out[key] = entry
+    return out
