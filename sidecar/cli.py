@@ -301,7 +301,7 @@ def _capture(args: argparse.Namespace) -> int:
                 return 1
             print(json.dumps(table, indent=2))
             return 0
-        capture.run_nft(cmd)
+        capture.run_nft_child(cmd)
     except DatapathError as exc:
         print(f"capture {args.action} failed: {exc}", file=sys.stderr)
         return 1

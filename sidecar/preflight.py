@@ -77,10 +77,11 @@ def check_ports(listeners: dict[str, Address]) -> DoctorCheck:
 
 def check_interfaces(policy: Policy) -> DoctorCheck:
     from sidecar.datapath import netns as ns
+    from sidecar.datapath.child.netlink import ipr_in
 
     missing, seen = [], []
     for p in policy.datapath.attach:
-        with ns.ipr_in(p.netns) as ipr:
+        with ipr_in(p.netns) as ipr:
             found = ipr.link_lookup(ifname=p.interface)
         where = f"{p.interface} ({ns.label(p.netns)})"
         (seen if found else missing).append(where)

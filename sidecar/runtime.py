@@ -222,7 +222,7 @@ class Sidecar:
             self.proxy.addresses["inbound"][1],
             self.admin_address[1],  # type: ignore[index]
         )
-        await asyncio.to_thread(capture.install, policy.capture, ports, True)
+        await asyncio.to_thread(capture.install, policy.capture, ports)
         self.capture_ports = ports
 
     async def _remove_capture(self) -> None:
@@ -232,7 +232,7 @@ class Sidecar:
             return
         self.capture_ports = None
         try:
-            await asyncio.to_thread(capture.remove, True)
+            await asyncio.to_thread(capture.remove)
         except DatapathError as exc:
             log.error("could not remove the capture table: %s", exc)
 

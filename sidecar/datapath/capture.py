@@ -17,10 +17,10 @@ Inbound (``prerouting`` nat hook): TCP arriving from outside the pod, except
 the admin port, the sidecar's own listener ports and the excluded ports, is
 redirected to the inbound listener. IPv4 and IPv6 alike (an ``inet`` table).
 
-libnftables is used in a short-lived child (``python -m sidecar.datapath.capture``,
-the build child's discipline): the long-lived sidecar process never maps it
-(about 2 MB of RSS). Short-lived commands (``traffic-color capture``) call
-``run_nft`` in-process.
+libnftables is used in a short-lived child (``python -m
+sidecar.datapath.child.nft``, the build child's discipline), by the sidecar
+and by ``traffic-color capture`` alike: the long-lived sidecar process never
+maps it (about 2 MB of RSS).
 """
 
 from __future__ import annotations
@@ -179,27 +179,11 @@ def listing() -> dict:
 # ------------------------------------------------------------------ applying it
 
 
-def run_nft(cmd: dict) -> dict:
-    """Run one libnftables JSON command in this process; DatapathError on failure."""
-    try:
-        import nftables  # Debian's python3-nftables, linked into the venv (Makefile)
-    except ImportError as exc:
-        raise DatapathError(
-            "capture", f"python3-nftables is not importable ({exc})", hint="run `make install`"
-        ) from None
-    nft = nftables.Nftables()
-    nft.set_json_output(True)
-    rc, output, error = nft.json_cmd(cmd)
-    if rc != 0:
-        raise DatapathError("capture", (error or "libnftables failed").strip(), code=rc)
-    return output if isinstance(output, dict) else {}
-
-
 def run_nft_child(cmd: dict, timeout: float = 30.0) -> dict:
-    """``run_nft`` in a short-lived child, so this process never maps libnftables."""
+    """Run one libnftables JSON command in a short-lived child; DatapathError on failure."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "sidecar.datapath.capture"],
+            [sys.executable, "-m", "sidecar.datapath.child.nft"],
             input=json.dumps(cmd),
             capture_output=True,
             text=True,
@@ -218,18 +202,18 @@ def run_nft_child(cmd: dict, timeout: float = 30.0) -> dict:
     return answer.get("result") or {}
 
 
-def table_present(in_child: bool = False) -> dict | None:
+def table_present() -> dict | None:
     """Our table as libnftables lists it, or None when there is none."""
     try:
-        return (run_nft_child if in_child else run_nft)(listing())
+        return run_nft_child(listing())
     except DatapathError as exc:
         if "No such file" in str(exc):
             return None
         raise
 
 
-def install(capture: Capture, ports: Ports, in_child: bool = False) -> None:
-    (run_nft_child if in_child else run_nft)(ruleset(capture, ports))
+def install(capture: Capture, ports: Ports) -> None:
+    run_nft_child(ruleset(capture, ports))
     log.info(
         "capture installed: table %s %s, outbound -> :%d, inbound -> :%d (admin :%d excluded)",
         FAMILY,
@@ -240,24 +224,6 @@ def install(capture: Capture, ports: Ports, in_child: bool = False) -> None:
     )
 
 
-def remove(in_child: bool = False) -> None:
-    (run_nft_child if in_child else run_nft)(removal())
+def remove() -> None:
+    run_nft_child(removal())
     log.info("capture removed: table %s %s", FAMILY, TABLE)
-
-
-def main() -> int:
-    """Child entry: one JSON command on stdin, one JSON answer on stdout."""
-    try:
-        result = run_nft(json.loads(sys.stdin.read()))
-    except DatapathError as exc:
-        print(json.dumps({"ok": False, "message": str(exc), "code": exc.code}))
-        return 0
-    except ValueError as exc:
-        print(json.dumps({"ok": False, "message": f"bad request: {exc}", "code": None}))
-        return 0
-    print(json.dumps({"ok": True, "result": result}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

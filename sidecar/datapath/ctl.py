@@ -4,8 +4,8 @@ Why a child (issue 5): pyroute2 costs the process that imports it about 10 MB
 of RSS (600 modules instead of 400, sqlite3 among them), and the sidecar runs
 once per pod for the pod's whole life. Netlink is only needed at start,
 reload, stop and for a route-debug question, so each of those opens a
-``NetlinkSession``: ``python -m sidecar.datapath.ctl`` imports pyroute2, runs
-the operations the parent sends it over a Unix socket, and exits when the
+``NetlinkSession``: ``python -m sidecar.datapath.child.ctl`` imports pyroute2,
+runs the operations the parent sends it over a Unix socket, and exits when the
 parent hangs up. The long-lived process keeps only the map fds and talks
 bpf syscalls through ``bpfsys``.
 
@@ -23,27 +23,22 @@ false, "step", "message", "code", "hint"}``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import logging
-import os
 import socket
 import subprocess
-import sys
-import time
 from typing import Any
 
 from sidecar.datapath import spawn
+from sidecar.datapath.tc import Attachment
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint
 
 log = logging.getLogger(__name__)
 
-_MSG_MAX = 1 << 20
-_MAX_FDS = 4
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as the CLI's
+MSG_MAX = 1 << 20
 
 # (netns, ifindex) -> the clsact qdisc there is ours to delete (TcAttacher's memory).
 QdiscOwnership = dict[tuple[str | None, int], bool]
@@ -84,7 +79,7 @@ class NetlinkSession:
         self.timeout = timeout
         # stderr is inherited: the child's INFO lines about kernel changes join our log.
         self._proc, self._sock = spawn.spawn(
-            "sidecar.datapath.ctl", ["--log-level", spawn.log_level()], step="netlink"
+            "sidecar.datapath.child.ctl", ["--log-level", spawn.log_level()], step="netlink"
         )
 
     def call(self, op: str, args: dict | None = None, fds: list[int] | tuple = ()) -> Any:
@@ -93,7 +88,7 @@ class NetlinkSession:
         try:
             self._sock.settimeout(self.timeout)
             socket.send_fds(self._sock, [msg.encode()], list(fds))
-            raw = self._sock.recv(_MSG_MAX)
+            raw = self._sock.recv(MSG_MAX)
         except TimeoutError:
             self._kill()
             raise DatapathError(
@@ -118,13 +113,11 @@ class NetlinkSession:
     def sweep(self, netns: str | None) -> int:
         return int(self.call("sweep", {"netns": netns}))
 
-    def attach(self, point: AttachPoint, prog_fd: int):
-        from sidecar.datapath.tc import Attachment
-
+    def attach(self, point: AttachPoint, prog_fd: int) -> Attachment:
         d = self.call("attach", {"point": point_to_json(point)}, [prog_fd])
         return Attachment(**d)
 
-    def detach(self, att) -> None:
+    def detach(self, att: Attachment) -> None:
         self.call("detach", {"att": dataclasses.asdict(att)})
 
     def reconcile(self, netns: str | None, rules: list, routes: list, *, prune: bool) -> None:
@@ -167,77 +160,3 @@ class NetlinkSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# ------------------------------------------------------------------- child side
-
-
-def _serve_one(op: str, args: dict, fds: list[int], qdisc: QdiscOwnership) -> Any:
-    from sidecar.datapath import netns as ns
-    from sidecar.datapath import routing
-    from sidecar.datapath import tc as tcm
-
-    attacher = tcm.TcAttacher()
-    attacher._qdisc_ours = qdisc
-    if op == "sweep":
-        return attacher.sweep(args["netns"])
-    if op == "attach":
-        if not fds:
-            raise DatapathError("attach", "no program fd came with the request")
-        return dataclasses.asdict(attacher.attach(point_from_json(args["point"]), fds[0]))
-    if op == "detach":
-        attacher.detach(tcm.Attachment(**args["att"]))
-        return None
-    if op in ("reconcile", "remove_all"):
-        netns = args["netns"]
-        rules = [routing.RuleSpec(**r) for r in args.get("rules", [])]
-        routes = [routing.RouteSpec(**r) for r in args.get("routes", [])]
-        with ns.ipr_in(netns) as ipr:
-            changes = routing.reconcile(ipr, rules, routes, netns, prune=args.get("prune", True))
-        return changes.removed if op == "remove_all" else dataclasses.asdict(changes)
-    if op == "route_get":
-        with ns.ipr_in(args["netns"]) as ipr:
-            return routing.route_get(ipr, args["dst"], args["mark"])
-    raise DatapathError(op, f"unknown netlink helper operation {op!r}")
-
-
-def serve(sock: socket.socket) -> None:
-    """Answer requests until the parent hangs up."""
-    while True:
-        msg, fds, _, _ = socket.recv_fds(sock, _MSG_MAX, _MAX_FDS)
-        if not msg:
-            return
-        req = json.loads(msg)
-        qdisc = qdisc_from_json(req.get("qdisc", []))
-        try:
-            result = _serve_one(req["op"], req.get("args", {}), fds, qdisc)
-            answer = {"ok": True, "result": result}
-        except DatapathError as exc:
-            answer = spawn.error_to_json(exc)
-        except Exception as exc:  # a bug or an unexpected netlink failure: say what
-            log.exception("netlink helper: %s failed", req.get("op"))
-            answer = {"ok": False, "step": req.get("op", "netlink"), "message": repr(exc)}
-        finally:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)  # an attached filter holds its own reference
-        answer["qdisc"] = qdisc_to_json(qdisc)
-        sock.send(json.dumps(answer).encode())
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sock-fd", type=int, required=True)
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT)
-    started = time.monotonic()
-    sock = socket.socket(fileno=args.sock_fd)
-    with sock:
-        serve(sock)
-    log.debug("netlink helper done after %.2f s", time.monotonic() - started)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

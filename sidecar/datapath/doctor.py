@@ -3,7 +3,9 @@
 Each check gathers a fact (I/O, kept small) and hands it to a pure judge that
 says ok or not, what it saw and how to fix it, so the judges are testable
 without a kernel. Nothing here changes the system, and nothing imports
-``bcc`` into this process: BCC is tried in a child, as the build does.
+``bcc`` into this process: BCC is tried in a child, as the build does. A
+short-lived command, it reads netlink in-process with the children's code
+(``sidecar.datapath.child``); the long-lived processes never import this.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.datapath import netns as ns
-from sidecar.datapath import routing
-from sidecar.datapath import tc as tcm
+from sidecar.datapath.child import routing as rt
+from sidecar.datapath.child import tc as tcm
+from sidecar.datapath.child.netlink import ipr_in
 from sidecar.errors import DatapathError
 from sidecar.policy import Policy
 
@@ -199,8 +202,8 @@ def check_rp_filter(policy: Policy) -> DoctorCheck:
 
 def check_fwmark_rules(policy: Policy) -> DoctorCheck:
     netns = policy.datapath.routing.netns
-    with ns.ipr_in(netns) as ipr:
-        rules = routing.fwmark_rules(ipr)
+    with ipr_in(netns) as ipr:
+        rules = rt.fwmark_rules(ipr)
     return judge_fwmark_overlap(rules, policy.mark_mask, f"routing namespace {ns.label(netns)}")
 
 
@@ -285,7 +288,7 @@ def check_node_filters(policy: Policy) -> DoctorCheck:
 
     globs = policy.node.interfaces
     wanted, attached = [], []
-    with ns.ipr_in(None) as ipr:
+    with ipr_in(None) as ipr:
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME") or ""
             if not wants(name, globs):
@@ -313,8 +316,8 @@ def run_node_doctor(policy: Policy) -> list[DoctorCheck]:
 
 
 def _fwmark_here(mark_mask: int, where: str) -> DoctorCheck:
-    with ns.ipr_in(None) as ipr:
-        rules = routing.fwmark_rules(ipr)
+    with ipr_in(None) as ipr:
+        rules = rt.fwmark_rules(ipr)
     return judge_fwmark_overlap(rules, mark_mask, where)
 
 

@@ -1,11 +1,10 @@
-"""Run pyroute2 against a network namespace, and turn its failures into ``DatapathError``.
+"""Network namespaces as the policy names them, and netlink work kept off the event loop.
 
 Every kernel object the data path makes lives in a namespace the policy names
-(an attach point's ``netns``, the routing ``netns``) or in our own. pyroute2
-0.9 opens a netlink socket inside a namespace from a short-lived child and
-hands the fd back, so this process never changes namespace. We open with
-``flags=0``: a typo in the policy must fail with "no such namespace", never
-create an empty namespace that silently swallows our rules.
+(an attach point's ``netns``, the routing ``netns``) or in our own: ``path``
+and ``label`` say where and how to name it, ``hint_for`` what an operator can
+do about an errno there. Opening netlink inside one is the children's
+(``sidecar.datapath.child.netlink``).
 
 pyroute2's synchronous ``IPRoute`` runs its own event loop and therefore
 cannot be used from a thread whose asyncio loop is running. The sidecar calls
@@ -18,16 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
-
-from sidecar.errors import DatapathError
-
-if TYPE_CHECKING:  # pyroute2 is imported where netlink is used: the helper child (ctl.py)
-    from pyroute2 import IPRoute
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -59,63 +52,6 @@ def path(netns: str | None) -> str | None:
 
 def hint_for(code: int | None) -> str:
     return _HINTS.get(code or 0, "")
-
-
-def open_ipr(netns: str | None) -> IPRoute:
-    """An ``IPRoute`` inside ``netns`` (None: our own namespace). Never creates one."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    if netns is not None and not os.path.exists(path(netns) or ""):
-        raise DatapathError(
-            "netns",
-            f"network namespace {netns!r} not found (looked for {path(netns)})",
-            errno.ENOENT,
-            "create it first or fix the policy's netns (a name under /var/run/netns or a path "
-            "such as /proc/PID/ns/net)",
-        )
-    try:
-        return IPRoute(netns=netns, flags=0) if netns is not None else IPRoute()
-    except NetlinkError as exc:
-        raise DatapathError(
-            "netns", f"cannot open netlink in {label(netns)}: {exc}", exc.code, hint_for(exc.code)
-        ) from exc
-    except OSError as exc:
-        raise DatapathError(
-            "netns",
-            f"cannot enter network namespace {label(netns)}: {exc}",
-            exc.errno,
-            "entering another namespace needs CAP_SYS_ADMIN and CAP_NET_ADMIN",
-        ) from exc
-
-
-@contextlib.contextmanager
-def ipr_in(netns: str | None) -> Iterator[IPRoute]:
-    ipr = open_ipr(netns)
-    try:
-        yield ipr
-    finally:
-        ipr.close()
-
-
-@contextlib.contextmanager
-def step(name: str, what: str) -> Iterator[None]:
-    """Translate netlink/OS errors raised inside into ``DatapathError(name, ...)``."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        yield
-    except DatapathError:
-        raise
-    except NetlinkError as exc:
-        raise DatapathError(
-            name,
-            f"{what}: {os.strerror(exc.code) if exc.code else exc}",
-            exc.code,
-            hint_for(exc.code),
-        ) from exc
-    except OSError as exc:
-        raise DatapathError(name, f"{what}: {exc}", exc.errno, hint_for(exc.errno)) from exc
 
 
 def off_loop(fn: Callable[..., T], *args: object, timeout: float = 120.0) -> T:

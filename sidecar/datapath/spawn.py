@@ -3,15 +3,16 @@
 The long-lived process (a pod's sidecar, or the node agent) holds map fds,
 talks bpf syscalls through ``bpfsys`` and keeps the intent (which colors,
 which attach points, which rules). What needs heavy libraries runs in
-short-lived children it starts here, each a ``python -m MODULE`` with a Unix
-SEQPACKET socket inherited as ``--sock-fd``:
+short-lived children it starts here, each a ``python -m MODULE`` of
+``sidecar.datapath.child`` with a Unix SEQPACKET socket inherited as
+``--sock-fd``:
 
-- ``sidecar.datapath.build``: BCC (LLVM) compiles and loads a classifier,
-  sends the program and map fds back (SCM_RIGHTS), exits.
-- ``sidecar.datapath.ctl``: pyroute2 runs netlink work (tc filters, ip rules,
-  routes) until the parent hangs up.
-- ``sidecar.datapath.links``: pyroute2 reports link events to the node agent
-  for as long as it runs.
+- ``child.build``: BCC (LLVM) compiles and loads a classifier, sends the
+  program and map fds back (SCM_RIGHTS), exits.
+- ``child.ctl``: pyroute2 runs netlink work (tc filters, ip rules, routes)
+  until the parent hangs up.
+- ``child.links``: pyroute2 reports link events to the node agent for as long
+  as it runs.
 
 Every child answers a failure with the same envelope, ``{"ok": false, "step",
 "message", "code", "hint"}``, which ``error_from_json`` turns back into the

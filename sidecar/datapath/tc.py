@@ -1,4 +1,7 @@
-"""The classifier on tc: a ``clsact`` qdisc and a direct-action bpf filter per attach point.
+"""Our tc filters: how they are tagged, and what an installed one is (``Attachment``).
+
+The netlink work is the netlink child's (``sidecar.datapath.child.tc``): a
+``clsact`` qdisc and a direct-action bpf filter per attach point.
 
 Ownership is what makes cleanup safe. Our filters carry a recognisable name
 (``FILTER_NAME_PREFIX``, TCA_BPF_NAME) and sit at one of two fixed
@@ -15,19 +18,7 @@ after, so no packet passes without a classifier in between.
 
 from __future__ import annotations
 
-import errno
-import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from sidecar.datapath import netns as ns
-from sidecar.errors import DatapathError
-from sidecar.policy import AttachPoint
-
-if TYPE_CHECKING:  # pyroute2 is imported by the netlink helper child only (ctl.py)
-    from pyroute2 import IPRoute
-
-log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- our tags
 
@@ -44,7 +35,7 @@ def filter_name(direction: str) -> str:
     return f"{FILTER_NAME_PREFIX}:{direction}"
 
 
-# ------------------------------------------------------------- inspection
+# ------------------------------------------------------------- what tc shows
 
 
 @dataclass(frozen=True)
@@ -59,39 +50,6 @@ class FilterInfo:
     @property
     def ours(self) -> bool:
         return self.name.startswith(FILTER_NAME_PREFIX)
-
-
-def list_filters(ipr: IPRoute, ifindex: int, direction: str) -> list[FilterInfo]:
-    """Every filter at this hook (bpf or not); chain heads without a handle are skipped."""
-    out = []
-    for msg in ipr.get_filters(ifindex, parent=PARENTS[direction]):
-        if not msg["handle"]:
-            continue
-        name = ""
-        flags = 0
-        if msg.get_attr("TCA_KIND") == "bpf":
-            name = msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") or ""
-            flags = msg.get_nested("TCA_OPTIONS", "TCA_BPF_FLAGS") or 0
-        out.append(FilterInfo(msg["info"] >> 16, msg["handle"], name, bool(flags & 1)))
-    return out
-
-
-def has_clsact(ipr: IPRoute, ifindex: int) -> bool:
-    return any(
-        q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(ifindex) if q["index"] == ifindex
-    )
-
-
-def lookup_ifindex(ipr: IPRoute, ifname: str, netns: str | None) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise DatapathError(
-            "attach",
-            f"interface {ifname!r} not found in network namespace {ns.label(netns)}",
-            errno.ENODEV,
-            "fix datapath.attach[].interface/netns in the policy",
-        )
-    return int(found[0])
 
 
 # ------------------------------------------------------------------ attach
@@ -120,160 +78,3 @@ class Attachment:
                 "handle": self.handle,
             },
         }
-
-
-class TcAttacher:
-    """Attaches and detaches our filters; remembers which clsact qdiscs are ours."""
-
-    def __init__(self) -> None:
-        # (netns, ifindex) -> True when the clsact qdisc there is ours to delete.
-        self._qdisc_ours: dict[tuple[str | None, int], bool] = {}
-
-    def attach(self, point: AttachPoint, prog_fd: int) -> Attachment:
-        """Put ``prog_fd`` on ``point``, replacing any filter of ours already there."""
-        with ns.ipr_in(point.netns) as ipr:
-            ifindex = lookup_ifindex(ipr, point.interface, point.netns)
-            where = f"{point.interface} ({ns.label(point.netns)}, ifindex {ifindex})"
-            self._ensure_clsact(ipr, point.netns, ifindex, where)
-            existing = list_filters(ipr, ifindex, point.direction)
-            old = [f for f in existing if f.ours]
-            used = {f.pref for f in existing}
-            free = [p for p in FILTER_PREFS if p not in used]
-            if not free:
-                raise DatapathError(
-                    "attach",
-                    f"preferences {FILTER_PREFS} at {point.direction} of {where} are all taken",
-                    errno.EEXIST,
-                    "another tool holds our preferences; remove its filters there",
-                )
-            pref = free[0]
-            with ns.step("attach", f"add bpf filter at {point.direction} of {where}"):
-                ipr.tc(
-                    "add-filter",
-                    "bpf",
-                    ifindex,
-                    FILTER_HANDLE,
-                    fd=prog_fd,
-                    name=filter_name(point.direction),
-                    parent=PARENTS[point.direction],
-                    prio=pref,
-                    direct_action=True,
-                )
-            log.info(
-                "tc: attached %s at %s of %s pref %d handle %d",
-                filter_name(point.direction),
-                point.direction,
-                where,
-                pref,
-                FILTER_HANDLE,
-            )
-            for f in old:
-                self._delete_filter(ipr, ifindex, point.direction, f.pref, f.handle, where)
-            return Attachment(
-                point.netns, point.interface, ifindex, point.direction, pref, FILTER_HANDLE
-            )
-
-    def detach(self, att: Attachment) -> None:
-        """Remove our filter; then the clsact qdisc if it is ours and empty."""
-        where = f"{att.ifname} ({ns.label(att.netns)}, ifindex {att.ifindex})"
-        with ns.ipr_in(att.netns) as ipr:
-            self._delete_filter(ipr, att.ifindex, att.direction, att.pref, att.handle, where)
-            self._maybe_delete_clsact(ipr, att.netns, att.ifindex, where)
-
-    def sweep(self, netns: str | None) -> int:
-        """Delete every filter of ours on every interface of ``netns``; return how many.
-
-        Leftovers of a crashed run: found by our tag, wherever the crashed
-        run's policy had put them. A clsact qdisc that held nothing but those
-        goes too, once empty.
-        """
-        removed = 0
-        with ns.ipr_in(netns) as ipr:
-            for link in ipr.get_links():
-                ifindex = link["index"]
-                ifname = link.get_attr("IFLA_IFNAME")
-                if not has_clsact(ipr, ifindex):
-                    continue
-                self._judge_qdisc(ipr, netns, ifindex)
-                where = f"{ifname} ({ns.label(netns)}, ifindex {ifindex})"
-                for direction in PARENTS:
-                    for f in list_filters(ipr, ifindex, direction):
-                        if f.ours:
-                            log.info("tc: removing leftover %s", f.name)
-                            self._delete_filter(ipr, ifindex, direction, f.pref, f.handle, where)
-                            removed += 1
-                self._maybe_delete_clsact(ipr, netns, ifindex, where)
-        return removed
-
-    # -------------------------------------------------------------- qdisc
-
-    def _judge_qdisc(self, ipr: IPRoute, netns: str | None, ifindex: int) -> bool:
-        """Decide once whether the clsact qdisc here would be ours; True if it exists."""
-        key = (netns, ifindex)
-        exists = has_clsact(ipr, ifindex)
-        if key not in self._qdisc_ours and exists:
-            filters = [f for d in PARENTS for f in list_filters(ipr, ifindex, d)]
-            # Only our leftovers inside: a crashed run of ours created it.
-            self._qdisc_ours[key] = bool(filters) and all(f.ours for f in filters)
-        return exists
-
-    def _ensure_clsact(self, ipr: IPRoute, netns: str | None, ifindex: int, where: str) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        if self._judge_qdisc(ipr, netns, ifindex):
-            return
-        try:
-            ipr.tc("add", "clsact", ifindex)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:  # someone else made it meanwhile: fine, not ours
-                raise DatapathError(
-                    "attach", f"add clsact qdisc on {where}: {exc}", exc.code, ns.hint_for(exc.code)
-                ) from exc
-            self._qdisc_ours.setdefault((netns, ifindex), False)
-            return
-        self._qdisc_ours[(netns, ifindex)] = True
-        log.info("tc: added clsact qdisc on %s", where)
-
-    def _maybe_delete_clsact(
-        self, ipr: IPRoute, netns: str | None, ifindex: int, where: str
-    ) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        if not self._qdisc_ours.get((netns, ifindex)):
-            return
-        if not has_clsact(ipr, ifindex):
-            self._qdisc_ours.pop((netns, ifindex), None)
-            return
-        if any(list_filters(ipr, ifindex, d) for d in PARENTS):
-            return  # still in use (our other hook, or someone else's filter since)
-        with ns.step("detach", f"delete clsact qdisc on {where}"):
-            try:
-                ipr.tc("del", "clsact", ifindex)
-            except NetlinkError as exc:
-                if exc.code not in (errno.ENOENT, errno.EINVAL):
-                    raise
-        self._qdisc_ours.pop((netns, ifindex), None)
-        log.info("tc: deleted clsact qdisc on %s", where)
-
-    @staticmethod
-    def _delete_filter(
-        ipr: IPRoute, ifindex: int, direction: str, pref: int, handle: int, where: str
-    ) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        with ns.step("detach", f"delete filter pref {pref} at {direction} of {where}"):
-            try:
-                ipr.tc("del-filter", "bpf", ifindex, handle, parent=PARENTS[direction], prio=pref)
-            except NetlinkError as exc:
-                if exc.code not in (errno.ENOENT, errno.ENODEV):  # already gone
-                    raise
-        log.info("tc: deleted filter pref %d handle %d at %s of %s", pref, handle, direction, where)
-
-
-def present(point: AttachPoint) -> list[FilterInfo]:
-    """Our filters at ``point`` as the kernel reports them (doctor, tests)."""
-    with ns.ipr_in(point.netns) as ipr:
-        found = ipr.link_lookup(ifname=point.interface)
-        if not found:
-            return []
-        return [f for f in list_filters(ipr, int(found[0]), point.direction) if f.ours]

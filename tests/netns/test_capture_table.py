@@ -134,8 +134,8 @@ def test_a_rejected_ruleset_keeps_the_table_there_was(ns, tmp_path: Path):
     )
     code = (
         "import json,sys\n"
-        "from sidecar.datapath import capture\n"
-        "try:\n    capture.run_nft(json.loads(sys.stdin.read()))\n"
+        "from sidecar.datapath.child import nft\n"
+        "try:\n    nft.run_nft(json.loads(sys.stdin.read()))\n"
         "except Exception as e:\n    print('refused', e)\n"
     )
     proc = subprocess.run(

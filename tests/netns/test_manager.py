@@ -22,7 +22,8 @@ import textwrap
 import pytest
 
 from sidecar.datapath import manager as manager_mod
-from sidecar.datapath import tc as tcm
+from sidecar.datapath import tc as tags
+from sidecar.datapath.child import tc as tcm
 from sidecar.datapath.doctor import run_doctor
 from sidecar.datapath.manager import DatapathManager
 from sidecar.errors import DatapathError
@@ -181,7 +182,7 @@ def test_status_route_debug_and_doctor_on_a_live_data_path(topo, mgr_factory):
     assert mgr.status()["flows"]["in_map"] == 0
     (att,) = st["attach_points"]
     assert (att["interface"], att["direction"], att["netns"]) == ("r-c", "ingress", topo.router)
-    assert att["filter"]["pref"] in tcm.FILTER_PREFS and att["ifindex"] > 0
+    assert att["filter"]["pref"] in tags.FILTER_PREFS and att["ifindex"] > 0
     colors = {c["name"]: c for c in st["colors"]}
     assert colors["canary"]["table"] == 102 and colors["canary"]["mark"] == 0x2
     assert colors["stable"]["table"] is None and all(c["live"] for c in colors.values())

@@ -18,7 +18,8 @@ import threading
 import pytest
 
 from sidecar.datapath import ctl
-from sidecar.datapath import tc as tcm
+from sidecar.datapath import tc as tags
+from sidecar.datapath.child import tc as tcm
 from sidecar.datapath.manager import DatapathManager
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint, parse_policy
@@ -196,7 +197,7 @@ def test_foreign_clsact_filters_and_fwmark_rules_survive_start_reload_stop(topo,
     try:
         with IPRoute(netns=r, flags=0) as ipr:
             idx = ipr.link_lookup(ifname="r-c")[0]
-            for parent in (tcm.PARENTS["ingress"], tcm.PARENTS["egress"]):
+            for parent in (tags.PARENTS["ingress"], tags.PARENTS["egress"]):
                 ipr.tc("add-filter", "bpf", idx, 7, fd=fd, name="cni", parent=parent, prio=100)
         for fam in ("-4", "-6"):
             for rule in FOREIGN_RULES:
@@ -241,17 +242,17 @@ def test_sigkill_holding_two_filters_then_a_new_manager_leaves_one_of_each(topo,
         import os, signal
         from pyroute2 import IPRoute
         from tests.netns.test_manager import Topo
-        from sidecar.datapath import tc as tcm
+        from sidecar.datapath import tc as tags
         from sidecar.datapath.manager import DatapathManager
         t = Topo.__new__(Topo)
         t.router = {topo.router!r}
         m = DatapathManager(t.policy())
         m.start()
         (att,) = m._attachments.values()
-        other = [p for p in tcm.FILTER_PREFS if p != att.pref][0]
+        other = [p for p in tags.FILTER_PREFS if p != att.pref][0]
         with IPRoute(netns=t.router, flags=0) as ipr:
             ipr.tc("add-filter", "bpf", att.ifindex, 1, fd=m._loaded.classifier.progs["ingress"],
-                   name=tcm.filter_name("ingress"), parent=tcm.PARENTS["ingress"], prio=other,
+                   name=tags.filter_name("ingress"), parent=tags.PARENTS["ingress"], prio=other,
                    direct_action=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)

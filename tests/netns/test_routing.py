@@ -7,8 +7,9 @@ import textwrap
 
 import pytest
 
-from sidecar.datapath import netns as ns
 from sidecar.datapath import routing
+from sidecar.datapath.child import routing as rt
+from sidecar.datapath.child.netlink import ipr_in
 from sidecar.errors import DatapathError
 from sidecar.policy import parse_policy
 from tests.netns.netnsutil import Lab, ip, run_child
@@ -86,9 +87,9 @@ def route_lines(netns: str, table: int, v6: bool = False) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def apply(netns: str, policy) -> routing.Changes:
-    with ns.ipr_in(netns) as ipr:
-        return routing.reconcile(
+def apply(netns: str, policy) -> rt.Changes:
+    with ipr_in(netns) as ipr:
+        return rt.reconcile(
             ipr, routing.desired_rules(policy), routing.desired_routes(policy), netns
         )
 
@@ -112,11 +113,11 @@ def test_rules_and_routes_are_installed_tagged_and_foreign_ones_survive(router):
         for line in route_lines(a, 102, v6=True)
     )
 
-    with ns.ipr_in(a) as ipr:
-        got = routing.route_get(ipr, "198.18.100.7", 0x2)
+    with ipr_in(a) as ipr:
+        got = rt.route_get(ipr, "198.18.100.7", 0x2)
         assert (got["table"], got["gateway"]) == (102, "198.18.3.2")
-        assert routing.route_get(ipr, "fd00:100::7", 0x2)["table"] == 102
-        assert routing.remove_all(ipr, a) == 5
+        assert rt.route_get(ipr, "fd00:100::7", 0x2)["table"] == 102
+        assert rt.remove_all(ipr, a) == 5
     assert not any("proto 165" in line for line in rule_lines(a) + rule_lines(a, True))
     assert route_lines(a, 102) == ["198.18.102.0/24 via 198.18.3.9 dev eth0"]
     assert any(line.startswith("9000:") for line in rule_lines(a))
@@ -132,7 +133,7 @@ def test_reload_re_points_rules_and_drops_the_old_ones(router):
     assert ours == ["10002:\tfrom all fwmark 0x8/0xff lookup 103 proto 165"]
     assert route_lines(a, 102) == []
     assert len(route_lines(a, 103)) == 2
-    assert apply(a, make_policy(a, mark=0x8, table=103)) == routing.Changes(0, 0)
+    assert apply(a, make_policy(a, mark=0x8, table=103)) == rt.Changes(0, 0)
 
 
 @pytest.mark.root
@@ -142,17 +143,19 @@ def test_leftovers_of_a_crashed_run_are_adopted_not_duplicated(router):
     run_child(
         textwrap.dedent(f"""
         import os
-        from sidecar.datapath import netns, routing
+        from sidecar.datapath import routing
+        from sidecar.datapath.child import routing as rt
+        from sidecar.datapath.child.netlink import ipr_in
         from tests.netns.test_routing import make_policy
         p = make_policy({a!r})
-        with netns.ipr_in({a!r}) as ipr:
-            routing.reconcile(ipr, routing.desired_rules(p), routing.desired_routes(p), {a!r})
+        with ipr_in({a!r}) as ipr:
+            rt.reconcile(ipr, routing.desired_rules(p), routing.desired_routes(p), {a!r})
         os._exit(0)
     """)
     )
     before = rule_lines(a)
     changes = apply(a, make_policy(a))
-    assert changes == routing.Changes(0, 0)
+    assert changes == rt.Changes(0, 0)
     assert rule_lines(a) == before
     assert sum("proto 165" in line for line in rule_lines(a)) == 1
     assert len(route_lines(a, 102)) == 2
@@ -160,11 +163,13 @@ def test_leftovers_of_a_crashed_run_are_adopted_not_duplicated(router):
     # A crashed run with another policy: its rule at another mark is replaced.
     run_child(
         textwrap.dedent(f"""
-        from sidecar.datapath import netns, routing
+        from sidecar.datapath import routing
+        from sidecar.datapath.child import routing as rt
+        from sidecar.datapath.child.netlink import ipr_in
         from tests.netns.test_routing import make_policy
         p = make_policy({a!r}, mark=0x4)
-        with netns.ipr_in({a!r}) as ipr:
-            routing.reconcile(ipr, routing.desired_rules(p), routing.desired_routes(p), {a!r})
+        with ipr_in({a!r}) as ipr:
+            rt.reconcile(ipr, routing.desired_rules(p), routing.desired_routes(p), {a!r})
     """)
     )
     apply(a, make_policy(a))

@@ -8,14 +8,15 @@ import textwrap
 import pytest
 from pyroute2 import IPRoute
 
-from sidecar.datapath import tc as tcm
+from sidecar.datapath import tc as tags
+from sidecar.datapath.child import tc as tcm
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint
 from tests.netns.netnsutil import Lab, pass_program, run_child, tc, unique
 
 pytestmark = pytest.mark.root
 
-INGRESS, EGRESS = tcm.PARENTS["ingress"], tcm.PARENTS["egress"]
+INGRESS, EGRESS = tags.PARENTS["ingress"], tags.PARENTS["egress"]
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def prog():
     os.close(fd)
 
 
-def filters(netns: str, direction: str) -> list[tcm.FilterInfo]:
+def filters(netns: str, direction: str) -> list[tags.FilterInfo]:
     with IPRoute(netns=netns, flags=0) as ipr:
         idx = ipr.link_lookup(ifname="eth0")[0]
         return tcm.list_filters(ipr, idx, direction)
@@ -60,7 +61,7 @@ def test_attach_ingress_and_egress_in_named_netns_then_detach_leaves_nothing(pai
         assert f.name == f"traffic-color:{direction}" and f.ours
         assert f.direct_action
         assert (f.pref, f.handle) == (att.pref, att.handle)
-        assert f.pref in tcm.FILTER_PREFS
+        assert f.pref in tags.FILTER_PREFS
     shown = tc("filter", "show", "dev", "eth0", "ingress", netns=a)
     assert "traffic-color:ingress" in shown and "direct-action" in shown
     assert "clsact" in qdiscs(a)
@@ -126,7 +127,7 @@ def test_replacing_adds_at_the_other_preference_and_keeps_one_filter(pair, prog)
         second = t.attach(point, second_fd)
     finally:
         os.close(second_fd)
-    assert {first.pref, second.pref} == set(tcm.FILTER_PREFS)
+    assert {first.pref, second.pref} == set(tags.FILTER_PREFS)
     (f,) = filters(a, "ingress")
     assert f.pref == second.pref
     t.detach(second)
@@ -139,7 +140,8 @@ def test_sweep_removes_leftovers_of_a_crashed_run(pair):
     run_child(
         textwrap.dedent(f"""
         import os
-        from sidecar.datapath import bpfsys, tc
+        from sidecar.datapath import bpfsys
+        from sidecar.datapath.child import tc
         from sidecar.policy import AttachPoint
         fd = bpfsys.prog_load_sched_cls(bpfsys.RETURN_OK_INSNS, "crashed")
         tc.TcAttacher().attach(AttachPoint("eth0", "egress", {a!r}), fd)

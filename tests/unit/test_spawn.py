@@ -32,5 +32,5 @@ def test_an_answer_without_a_step_takes_the_callers():
 
 def test_a_child_that_cannot_start_is_a_datapath_error():
     with pytest.raises(DatapathError) as info:
-        spawn.spawn("sidecar.datapath.ctl", [], step="netlink", stdout=-5)
+        spawn.spawn("sidecar.datapath.child.ctl", [], step="netlink", stdout=-5)
     assert info.value.step == "netlink"
