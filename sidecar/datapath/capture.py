@@ -29,10 +29,10 @@ import ipaddress
 import json
 import logging
 import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.datapath import spawn
 from sidecar.errors import DatapathError
 from sidecar.policy import Capture
 
@@ -42,6 +42,7 @@ FAMILY = "inet"
 TABLE = "traffic_color"
 # Before the conntrack-based nat of other tables (Istio uses the same priority).
 NAT_PRIORITY = -100
+_MSG_MAX = 1 << 20  # one answer: a listing of our table is a few kB
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -180,25 +181,35 @@ def listing() -> dict:
 
 
 def run_nft_child(cmd: dict, timeout: float = 30.0) -> dict:
-    """Run one libnftables JSON command in a short-lived child; DatapathError on failure."""
+    """Run one libnftables JSON command in a short-lived child; DatapathError on failure.
+
+    The child (``sidecar.datapath.child.nft``) is started by ``spawn`` as every
+    other; its failure comes back in the envelope and is raised here unchanged.
+    """
+    proc, sock = spawn.spawn("sidecar.datapath.child.nft", [], step="capture")
+    with sock:
+        try:
+            sock.settimeout(timeout)
+            sock.send(json.dumps(cmd).encode())
+            raw = sock.recv(_MSG_MAX)
+        except TimeoutError:
+            proc.kill()
+            proc.wait()
+            raise DatapathError(
+                "capture", f"the nftables child did not answer in {timeout:.0f} s"
+            ) from None
+        except OSError as exc:
+            raise DatapathError("capture", f"the nftables child is gone: {exc}", exc.errno) from exc
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "sidecar.datapath.child.nft"],
-            input=json.dumps(cmd),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DatapathError("capture", f"nftables child failed: {exc}") from None
-    try:
-        answer = json.loads(proc.stdout)
-    except ValueError:
-        raise DatapathError(
-            "capture", f"nftables child exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
-        ) from None
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    if not raw:
+        raise DatapathError("capture", f"the nftables child exited ({rc}) without answering")
+    answer = json.loads(raw)
     if not answer.get("ok"):
-        raise DatapathError("capture", answer.get("message", "failed"), code=answer.get("code"))
+        raise spawn.error_from_json(answer, "capture")
     return answer.get("result") or {}
 
 

@@ -13,6 +13,8 @@ short-lived children it starts here, each a ``python -m MODULE`` of
   until the parent hangs up.
 - ``child.links``: pyroute2 reports link events to the node agent for as long
   as it runs.
+- ``child.nft``: libnftables runs one command on the capture table, answers,
+  exits.
 
 Every child answers a failure with the same envelope, ``{"ok": false, "step",
 "message", "code", "hint"}``, which ``error_from_json`` turns back into the

@@ -132,11 +132,14 @@ def test_a_rejected_ruleset_keeps_the_table_there_was(ns, tmp_path: Path):
             }
         }
     )
+    # Through the sidecar's own path: the nftables child, its answer in spawn's envelope.
     code = (
         "import json,sys\n"
-        "from sidecar.datapath.child import nft\n"
-        "try:\n    nft.run_nft(json.loads(sys.stdin.read()))\n"
-        "except Exception as e:\n    print('refused', e)\n"
+        "from sidecar.datapath import capture\n"
+        "from sidecar.errors import DatapathError\n"
+        "try:\n    capture.run_nft_child(json.loads(sys.stdin.read()))\n"
+        "except DatapathError as e:\n"
+        "    print(json.dumps({'step': e.step, 'code': e.code, 'text': str(e)}))\n"
     )
     proc = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", code],
@@ -145,5 +148,11 @@ def test_a_rejected_ruleset_keeps_the_table_there_was(ns, tmp_path: Path):
         text=True,
         timeout=60,
     )
-    assert proc.stdout.startswith("refused"), (proc.stdout, proc.stderr)
+    refused = json.loads(proc.stdout or "null")
+    assert refused is not None, proc.stderr[-2000:]
+    assert refused["step"] == "capture" and isinstance(refused["code"], int)  # nft_run_cmd rc
+    # libnftables' own words, once: the child's step is not repeated in the message.
+    text = refused["text"]
+    assert text.startswith("capture: ") and not text.startswith("capture: capture")
+    assert "Could not process rule: No such file" in text
     assert _ruleset(ns) == before

@@ -1,17 +1,24 @@
-"""The nftables child: one libnftables JSON command from stdin, one JSON answer on stdout.
+"""The nftables child: one libnftables JSON command in, one answer out, then exit.
 
-``python -m sidecar.datapath.child.nft`` is started by
-``sidecar.datapath.capture`` for every change or listing of our table, so no
-long-lived process maps libnftables (Debian's python3-nftables, about 2 MB of
-RSS).
+``python -m sidecar.datapath.child.nft`` is started by ``run_nft_child``
+(``sidecar.datapath.capture``) through ``spawn`` for every change or listing
+of our table, so no long-lived process maps libnftables (Debian's
+python3-nftables, about 2 MB of RSS). The command arrives as one SEQPACKET
+message on the inherited socket; the answer is ``{"ok": true, "result"}`` or
+the error envelope of ``spawn``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import socket
 import sys
 
+from sidecar.datapath import spawn
 from sidecar.errors import DatapathError
+
+_MSG_MAX = 1 << 20
 
 
 def run_nft(cmd: dict) -> dict:
@@ -30,17 +37,21 @@ def run_nft(cmd: dict) -> dict:
     return output if isinstance(output, dict) else {}
 
 
-def main() -> int:
-    """Child entry: one JSON command on stdin, one JSON answer on stdout."""
-    try:
-        result = run_nft(json.loads(sys.stdin.read()))
-    except DatapathError as exc:
-        print(json.dumps({"ok": False, "message": str(exc), "code": exc.code}))
-        return 0
-    except ValueError as exc:
-        print(json.dumps({"ok": False, "message": f"bad request: {exc}", "code": None}))
-        return 0
-    print(json.dumps({"ok": True, "result": result}))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sock-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    with socket.socket(fileno=args.sock_fd) as sock:
+        msg = sock.recv(_MSG_MAX)
+        if not msg:
+            return 0
+        try:
+            answer = {"ok": True, "result": run_nft(json.loads(msg))}
+        except DatapathError as exc:
+            answer = spawn.error_to_json(exc)
+        except ValueError as exc:
+            answer = spawn.error_to_json(DatapathError("capture", f"bad request: {exc}"))
+        sock.send(json.dumps(answer).encode())
     return 0
 
 
