@@ -8,6 +8,9 @@ import time
 import urllib.error
 import urllib.request
 
+# What only the data path's children load (sidecar.datapath.child says why).
+CHILD_ONLY_MODULES = ("bcc", "pyroute2", "nftables", "sidecar.datapath.child")
+
 
 def process_info(started_at: float, ready_at: float | None) -> dict:
     """Footprint facts an operator asks about: memory, start-up time, and that LLVM is not here."""
@@ -33,7 +36,7 @@ def process_info(started_at: float, ready_at: float | None) -> dict:
         "startup_seconds": round(ready_at - started_at, 3) if ready_at else None,
         "bcc_imported": "bcc" in sys.modules,
         # Libraries the long-lived process must not hold (issue 5): they run in children.
-        "modules_of_note": {m: m in sys.modules for m in ("bcc", "pyroute2")},
+        "modules_of_note": {m: m in sys.modules for m in CHILD_ONLY_MODULES},
         "llvm_mapped": libbcc,
     }
 

@@ -164,7 +164,12 @@ def test_attached_sidecar_holds_no_bcc_llvm_nor_pyroute2(pod):
     proc = st["process"]
     assert proc["pid"] == sc.proc.pid, "ip netns exec runs the sidecar itself"
     assert proc["bcc_imported"] is False
-    assert proc["modules_of_note"] == {"bcc": False, "pyroute2": False}
+    assert proc["modules_of_note"] == {
+        "bcc": False,
+        "pyroute2": False,
+        "nftables": False,
+        "sidecar.datapath.child": False,
+    }
     maps = libraries(proc["pid"])
     assert "libbcc" not in maps and "libLLVM" not in maps and "libclang" not in maps
     assert "libbpf.so" in maps, "the map fds are driven through libbpf in this process"
@@ -190,7 +195,7 @@ def test_reload_and_stop_go_through_children_and_leave_nothing(pod):
     while time.monotonic() < deadline and "0x8" not in " ".join(our_rules(netns)):
         time.sleep(0.1)
     assert our_rules(netns) == ["10002:\tfrom all fwmark 0x8/0xff lookup 102 proto 165"] * 2
-    assert get_status(netns)["process"]["modules_of_note"]["pyroute2"] is False
+    assert not any(get_status(netns)["process"]["modules_of_note"].values())
 
     assert sc.stop() == 0
     assert "traffic-color" not in our_filters(netns)

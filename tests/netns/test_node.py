@@ -430,7 +430,13 @@ def test_a_pod_added_while_the_agent_runs_is_attached_within_a_second(topo, agen
     assert ask(topo.pods["b"], SVC4, CANARY_DSCP) == "canary"
     assert "Traceback" not in agent.log.read_text() and " ERROR " not in agent.log.read_text()
     # Its counts stay exported under its name: counters never go backwards.
-    assert agent.status()["datapath"]["counters"]["canary"]["veth-c"]["packets"] >= 3
+    st = agent.status()
+    assert st["datapath"]["counters"]["canary"]["veth-c"]["packets"] >= 3
+    # Attach, detach and link events were the children's work: the agent holds none of it.
+    assert st["process"]["modules_of_note"] == dict.fromkeys(
+        ("bcc", "pyroute2", "nftables", "sidecar.datapath.child"), False
+    )
+    assert st["process"]["llvm_mapped"] is False
 
 
 # ------------------------------------------------------------------ reload
