@@ -538,6 +538,69 @@ def _default_policy() -> str:
     return yaml.safe_load((CHART / "values.yaml").read_text())["policy"]["content"]
 
 
+def _values_policy(scenario: str, key: str) -> str:
+    """The policy text a scenario's values give (``nodeAgent.policy``, ``policy.content``)."""
+    section, field = key.split(".")
+    text = yaml.safe_load((CHART / "values.yaml").read_text())[section][field]
+    for f in SCENARIOS[scenario]:
+        text = (yaml.safe_load(f.read_text()).get(section) or {}).get(field, text)
+    return text
+
+
+@pytest.mark.parametrize(
+    ("scenario", "extra"),
+    [
+        ("default", ("--set", "nodeAgent.enabled=true")),
+        ("node-agent", ()),
+        ("example-node-agent", ()),
+    ],
+)
+def test_node_agent_policy_configmap_is_one_the_agent_accepts(
+    scenario: str, extra: tuple[str, ...]
+) -> None:
+    """What the DaemonSet mounts parses as the agent would parse it, and says what values say."""
+    from sidecar.node import check_node_policy
+
+    docs = render(scenario, *extra)
+    daemonset, cm = _agent(docs)
+    text = cm["data"]["policy.yaml"]
+    given = _values_policy(scenario, "nodeAgent.policy")
+    # Byte for byte (but the block scalar's last newline): a line number in the agent's
+    # complaint is a line of the values file's nodeAgent.policy.
+    assert text.rstrip("\n") == given.rstrip("\n")
+    policy = parse_policy(text, "nodeAgent.policy")
+    assert check_node_policy(policy) is None
+    want = yaml.safe_load(given)
+    assert policy.node.interfaces == tuple(want["node"]["interfaces"])
+    assert {n: (c.mark, c.dscp) for n, c in policy.colors.items()} == {
+        n: (c["mark"], c.get("dscp")) for n, c in want["colors"].items()
+    }
+    (agent,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert policy.node.admin_listen.port == agent["ports"][0]["containerPort"]
+    routes = {
+        n: (cr.table, [(str(r.dst), str(r.via)) for r in cr.routes])
+        for n, cr in policy.datapath.routing.colors.items()
+    }
+    assert routes == {
+        n: (c["table"], [(r["dst"], r["via"]) for r in c.get("routes", [])])
+        for n, c in (want["datapath"]["routing"]["colors"] or {}).items()
+    }
+    # The pods' policy of the same release: every color a sidecar marks with DSCP is
+    # one the agent maps back, with the same DSCP.
+    (pods_cm,) = [
+        d
+        for d in find(docs, "ConfigMap")
+        if d["metadata"]["name"] == "traffic-color-policy"
+        and d["metadata"]["namespace"] == NAMESPACE
+    ]
+    pods = parse_policy(pods_cm["data"]["policy.yaml"], "policy.content")
+    assert pods_cm["data"]["policy.yaml"].rstrip("\n") == (
+        _values_policy(scenario, "policy.content").rstrip("\n")
+    )
+    carried = {n: c.dscp for n, c in pods.colors.items() if c.dscp is not None}
+    assert carried and carried == {n: policy.colors[n].dscp for n in carried}
+
+
 def test_with_the_node_agent_injected_sidecars_get_no_capability() -> None:
     config = inject_config(render("node-agent"))
     assert config.datapath is True  # the pods' policy turns the classifier on...
