@@ -12,7 +12,8 @@
 #
 # Environment: TRAFFIC_COLOR_CACHE (default /var/cache/traffic-color),
 # IMAGE (default localhost/traffic-color:VERSION), EXPORT=1 to also write an
-# oci-archive to image/. Needs root (chroot isolation, debootstrap).
+# oci-archive to image/. Needs root (chroot isolation, debootstrap). Builds that
+# share the cache take turns (flock on ${CACHE}/build.lock) for steps 1 and 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,10 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 mkdir -p "${CACHE}"
+# Another build in this storage (a test run beside ours) would otherwise write the
+# same base tarball, or lose the layers of its build to our prune below.
+exec 9>"${CACHE}/build.lock"
+flock -w 1800 9 || { echo "image.sh: ${CACHE}/build.lock held for 30 min" >&2; exit 1; }
 
 # ------------------------------------------------------------------ 1. base
 if [ ! -s "${BASE_TAR}" ]; then
@@ -94,6 +99,7 @@ buildah "${STORAGE[@]}" bud --isolation chroot --layers --pull=false \
   || { tail -40 "${CACHE}/build.log" >&2; exit 1; }
 # Drop the untagged images that earlier builds of the same tag left behind.
 buildah "${STORAGE[@]}" rmi --prune >/dev/null 2>&1 || true
+exec 9>&-  # the lock: from here on only our own tag is used
 
 # ------------------------------------------------------------------ 3. smoke
 ctr="$(buildah "${STORAGE[@]}" from --pull-never "${IMAGE}")"

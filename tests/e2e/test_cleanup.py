@@ -7,6 +7,7 @@ Each test builds its own namespaces, so a failure leaves no state for the next.
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -133,13 +134,15 @@ def test_a_new_topology_removes_namespaces_left_by_a_dead_run():
     dead = 4_000_000  # above any pid a run of ours could have had here
     while pid_alive(dead):
         dead += 1
-    stale = f"tce2es-{dead}-0bad-node"
+    # A prefix of this run's own: runs side by side must not remove each other's "stale" one.
+    prefix = f"tce2es{secrets.token_hex(3)}"
+    stale = f"{prefix}-{dead}-{secrets.token_hex(2)}-node"
     subprocess.run(["ip", "netns", "add", stale], check=True, timeout=10)
     sleeper = subprocess.Popen(
         ["ip", "netns", "exec", stale, "sleep", "60"], start_new_session=True
     )
     try:
-        with Topology("tce2es") as topo:
+        with Topology(prefix) as topo:
             assert not netns_exists(stale)
             assert sleeper.wait(10) == -signal.SIGKILL  # what ran inside was stopped too
             assert all(netns_exists(n) for n in topo.names.values())

@@ -17,8 +17,9 @@ Each child is a ``python -m sidecar.datapath.child.MODULE`` started by
 - ``links``: link events for the node agent's life (``datapath.links``);
 - ``nft``: one libnftables command (``datapath.capture``).
 
-Modules here import their library at the top, so an import from the
-long-lived side shows at once; only children and short-lived commands
-(``traffic-color doctor``) import them. Nothing in ``sidecar.datapath``
-outside this package imports it.
+The netlink modules import pyroute2 at the top, so an import from the
+long-lived side shows at once (``build`` and ``nft`` import bcc and nftables
+on first use, to say how to install a missing one). Only children and
+short-lived commands (``traffic-color doctor``) import this package; no
+long-lived module does, lazily or not (tests/unit/test_process_boundary.py).
 """

@@ -48,6 +48,12 @@ HINT_PERM = (
     "loading tc programs needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN): "
     "add them to the container's securityContext.capabilities or run as root"
 )
+HINT_SECCOMP = (
+    "this process holds CAP_BPF, yet bpf() was refused under a seccomp filter: the "
+    "container runtime's default profile allows bpf() only with CAP_SYS_ADMIN (profiles "
+    "before CAP_BPF was known do); run on a runtime whose RuntimeDefault allows bpf() "
+    "with CAP_BPF, give the container a seccomp profile that does, or add SYS_ADMIN"
+)
 
 
 def _failure(error: str, hint: str = "", code: int | None = None, detail: str = ""):
@@ -55,12 +61,30 @@ def _failure(error: str, hint: str = "", code: int | None = None, detail: str = 
     return DatapathError("compile", f"{error}\n{detail}" if detail else error, code, hint)
 
 
-def _capabilities() -> int:
+def _status(field: str) -> str:
+    """A field of /proc/self/status (``CapEff``, ``Seccomp``), or "" when absent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+            if line.startswith(f"{field}:"):
+                return line.split()[1]
+    return ""
+
+
+def _capabilities() -> int:
+    return int(_status("CapEff") or "0", 16)
+
+
+def refused_hint(caps: int, seccomp: str) -> str:
+    """What to do when the kernel said EPERM to a process holding these capabilities. Pure.
+
+    With CAP_BPF (not CAP_SYS_ADMIN) and a seccomp filter on, the filter is the
+    likely refuser: container runtimes' default profiles allowed bpf() only with
+    CAP_SYS_ADMIN before they knew CAP_BPF (containers-common 0.50, Debian 12's,
+    still does).
+    """
+    if caps >> _CAP_BPF & 1 and not caps >> _CAP_SYS_ADMIN & 1 and seccomp == "2":
+        return HINT_SECCOMP
+    return HINT_PERM
 
 
 def _headers_problem() -> str | None:
@@ -154,7 +178,10 @@ def _compile(program: Program, defines: dict[str, int], what: str):
     detail = tail_lines(err[0] if err else "", 20)
     if "Operation not permitted" in detail or "super-user" in str(failure):
         raise _failure(
-            f"the kernel refused the classifier: {failure}", HINT_PERM, errno.EPERM, detail
+            f"the kernel refused the classifier: {failure}",
+            refused_hint(caps, _status("Seccomp")),
+            errno.EPERM,
+            detail,
         )
     if "file not found" in detail and ".h" in detail:
         raise _failure(f"a kernel header is missing: {failure}", HINT_HEADERS, errno.ENOENT, detail)
