@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import socket
 
+from sidecar.coloring import Colorer
 from sidecar.policy import Address, parse_policy
 from sidecar.proxy import Proxy
 from sidecar.proxy.pool import ParkedFlow, dscp_changes
 from tests.proto.backend import Backend
-from tests.proto.conftest import Conn, MakeProxy, port, request, until
+from tests.proto.conftest import Conn, MakeProxy, RecordingHooks, port, request, until
 from tests.proto.h2help import (
     END_HEADERS,
     END_STREAM,
@@ -111,3 +112,25 @@ async def test_http2_upstream_connections_get_the_new_dscp(make_proxy: MakeProxy
     assert ds_field(conn) == 34 << 2
     client.close()
     await up.close()
+
+
+async def test_a_flow_whose_connect_a_reload_overtook_gets_the_new_dscp(
+    make_proxy: MakeProxy, backend: Backend
+) -> None:
+    """The reload lands between the socket's options and its connect's end (here: in the
+    flow hook, which runs just before the SYN): the new flow is not open yet when the
+    reload looks, so ``connect`` sees to it."""
+    new = Colorer(parse_policy(POLICY.replace("dscp: 10", "dscp: 46")), "canary")
+
+    class ReloadingHooks(RecordingHooks):
+        def flow_open(self, color: str, local: tuple, remote: tuple) -> None:
+            super().flow_open(color, local, remote)
+            proxy.ctx.colorer = new
+
+    proxy = await make_proxy(policy=POLICY, color="canary", hooks=ReloadingHooks())
+    client = await Conn.open(port(proxy))
+    await client.send(request("GET", "/", f"127.0.0.1:{backend.port}"))
+    assert (await client.response()).status == 200
+    client.close()
+    [flow] = h1_flows(proxy)
+    assert ds_field(flow) == 46 << 2
