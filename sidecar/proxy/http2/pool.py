@@ -54,11 +54,13 @@ class H2Pool:
         conns = self.usable.get(key)
         if conns is None:
             conns = self.usable[key] = []
+        lane = relay.lane
         for conn in conns:
-            if conn.room() > 0:
+            # A connection still being made is either a lane's (its streams fall back
+            # when the lane is empty) or not: a stream joins only one of its own kind.
+            if conn.room() > 0 and (conn.connected or (conn.lane is None) == (lane is None)):
                 conn.take(relay)
                 return
-        lane = relay.lane
         if lane is not None:
             lanes = self.ctx.lanes
             down = lanes.cache.known_down(lane.host, lane.port) if lanes is not None else None
@@ -69,6 +71,7 @@ class H2Pool:
                 return
         conn = Upstream(self, key)
         conn.lane = lane
+        conn.lanes = self.ctx.lanes if lane is not None else None  # a reload may follow
         conns.append(conn)
         self.open.add(conn)
         conn.take(relay)
@@ -136,7 +139,7 @@ class H2Pool:
     # ------------------------------------------------------------ connecting
 
     async def _connect(self, conn: Upstream) -> None:
-        lanes = self.ctx.lanes
+        lanes = conn.lanes
         try:
             if conn.lane is not None and lanes is not None:
                 await lanes.open(conn.lane, functools.partial(self._lane_connect, conn))
@@ -147,9 +150,12 @@ class H2Pool:
             self._given_up(conn)
             waiting, conn.waiting = conn.waiting, []
             conn.failed(h.UNAVAILABLE)  # nobody waits on it any more
-            for relay in waiting:
-                self._fall_back(relay, exc.reason)
-            self.side.flush()
+            try:
+                for relay in waiting:
+                    if not relay.status:  # else answered meanwhile (its deadline)
+                        self._fall_back(relay, exc.reason)
+            finally:
+                self.side.flush()
         except TimeoutError:
             self._given_up(conn)
             conn.failed(h.TIMEOUT)
