@@ -7,6 +7,7 @@ The HTTP/1 and HTTP/2 paths call ``choose``, then ``open`` for a lane choice, th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -39,7 +40,14 @@ class LaneRouter:
         down = self.cache.known_down(choice.host, choice.port)
         if down is not None:
             raise EmptyLane(choice.host, down)
-        addresses = await self.cache.resolve(choice.host)
+        # A lookup that does not answer within lane_connect makes the lane empty for this
+        # request as a silent host does (``timeout``, not ``unresolved``: the name may well
+        # exist); the lookup is shared and shielded, so it goes on and its answer is cached.
+        try:
+            async with asyncio.timeout(self.timeout):
+                addresses = await self.cache.resolve(choice.host)
+        except TimeoutError:
+            raise EmptyLane(choice.host, TIMEOUT) from None
         try:
             return await connect(addresses[0], self.timeout)
         except TimeoutError:

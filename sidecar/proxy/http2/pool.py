@@ -63,7 +63,7 @@ class H2Pool:
                 return
         if lane is not None:
             lanes = self.ctx.lanes
-            down = lanes.cache.known_down(lane.host, lane.port) if lanes is not None else None
+            down = lanes.cache.known_empty(lane.host, lane.port) if lanes is not None else None
             if down is not None:  # tried within its TTL: no new attempt
                 if not conns:
                     del self.usable[key]
