@@ -21,13 +21,19 @@ import functools
 import logging
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecar.proxy.context import Key
 from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.connection import Upstream
 from sidecar.proxy.lanes import EmptyLane, LaneTable
-from sidecar.proxy.pool import _call_hook, color_dscp, connect_flow, set_transport_dscp
+from sidecar.proxy.pool import (
+    _call_hook,
+    color_dscp,
+    connect_flow,
+    dscp_changes,
+    set_transport_dscp,
+)
 
 if TYPE_CHECKING:
     from sidecar.proxy.http2.side import H2Side
@@ -198,7 +204,20 @@ class H2Pool:
         host = address or host
         hooks = self.ctx.hooks
         mark = self.ctx.own_mark
-        dscp = color_dscp(self.ctx.colorer.policy, color)
+        policy = self.ctx.colorer.policy
+        dscp = color_dscp(policy, color)
+        try:
+            await self._dial(conn, host, port, hooks, mark, dscp)
+        finally:
+            if self.ctx.colorer.policy is not policy:  # reloaded meanwhile: see ``set_dscp``
+                changed = dscp_changes(policy, self.ctx.colorer.policy).get(color)
+                if changed is not None:
+                    set_transport_dscp(conn.transport, changed)
+
+    async def _dial(
+        self, conn: Upstream, host: str, port: int, hooks: Any, mark: int, dscp: int | None
+    ) -> None:
+        color = conn.key[0]
         if hooks is None and not mark and dscp is None:
             await self.loop.create_connection(lambda: conn, host, port)
             return
