@@ -44,7 +44,7 @@ ETH_P_IP = 0x0800
 DEFAULT_SIZES = (1, 10_000, 1_000_000)
 BATCH = 65_536  # flows per bpf_map_update_batch call
 STABLE = Color("stable", 1, 0x1, dscp=10)
-NODE_SLOTS = 65536  # as the node agent sizes sc_node_ifaces
+NODE_SLOTS = 65536  # as the node agent sizes sc_node_iftab
 
 # The flow whose packets are measured; the filler flows use 198.18.128.0/17 sources.
 LOCAL, REMOTE = ("198.18.0.1", 40000), ("198.19.0.10", 8080)
@@ -139,7 +139,7 @@ def measure(
     baseline = bpfsys.prog_load_sched_cls(bpfsys.RETURN_OK_INSNS, "sc_bench_empty")
     node = build_node_classifier(NODE_SLOTS, 256)
     nm = abi.NODE_MAPS
-    NodeColorTable(node.maps[nm.colors], node.maps[nm.config]).apply([STABLE], 0xFF)
+    NodeColorTable(node.maps[nm.colors]).apply([STABLE], 0xFF)
     # BPF_PROG_TEST_RUN runs packets on loopback (ifindex 1): give it a counter slot.
     NodeCounters(node.maps[nm.ifaces], node.maps[nm.stats], NODE_SLOTS).assign(1, 1)
     rows = []
