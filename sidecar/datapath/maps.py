@@ -263,12 +263,16 @@ class NodeCounters:
         """The ifindex whose entry holds the index ``ifindex`` hashes to (0: free)."""
         return self._table()[self._index(ifindex)].ifindex
 
-    def assign(self, ifindex: int, slot: int) -> None:
-        """Count ``ifindex`` in ``slot`` from now on, starting from zero."""
+    def zero(self, slot: int) -> None:
+        """Set every counter of ``slot`` to zero."""
         zero = (abi.Counter * self._ncpu)()
         for cid in range(1, abi.SC_MAX_COLORS):
             index = ctypes.c_uint32(abi.node_stats_slot(slot, cid))
             bpfsys.map_update(self.stats_fd, index, zero)
+
+    def assign(self, ifindex: int, slot: int) -> None:
+        """Count ``ifindex`` in ``slot`` from now on, starting from zero."""
+        self.zero(slot)
         table = self._table()
         entry = table[self._index(ifindex)]
         if (entry.ifindex, entry.slot) == (ifindex, slot):

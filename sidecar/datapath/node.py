@@ -401,10 +401,10 @@ class NodeDatapath:
         for key, (pkts, byts) in self._live().items():
             was = self._base.get(key, (0, 0))
             self._base[key] = (was[0] + pkts, was[1] + byts)
-        for ifindex, (_, _, slot) in self._attached.items():
+        for _, _, slot in self._attached.values():
             if slot:
-                self._counters.assign(ifindex, slot)
-        self._counters.assign(0, 0)  # slot 0 (and the free entry of ifindex 0)
+                self._counters.zero(slot)
+        self._counters.zero(0)
 
 
 def _ids(policy: Policy) -> dict[int, str]:
