@@ -18,9 +18,8 @@ or does not answer within ``timeouts.lane_connect``) is found out by connecting:
 ``sidecar.proxy.lanerouter.LaneRouter`` does that I/O, counts fallbacks and turns
 an empty lane into the original destination, or into a 503 with ``fallback: fail``.
 
-How a protocol path uses lanes (HTTP/1 in ``http1/downstream.py``; the HTTP/2
-stream path does not call them yet, and is to call the same three with
-``:authority``)::
+How a protocol path uses lanes (HTTP/1 in ``http1/downstream.py``, HTTP/2 in
+``http2/connection.py`` and ``http2/pool.py`` with ``:authority``)::
 
     choice = ctx.lanes.choose(color, host, port, carried, original)  # pure, cached
     if choice.why == LANE:
@@ -33,7 +32,7 @@ stream path does not call them yet, and is to call the same three with
     # pool keys use (color, choice.host, choice.port), so lane flows never mix.
 
 For HTTP/2, where many streams wait on one new upstream connection of a lane key
-(``sidecar/proxy/http2/pool.py``), ``open`` is to wrap that connection's connect
+(``sidecar/proxy/http2/pool.py``), ``open`` wraps that connection's connect
 (``connect(ip, timeout)`` dials the address the cache found, at the key's port); on
 ``EmptyLane`` each waiting stream gets ``fall_back`` (counted per stream) and is
 assigned again under ``(color, *choice.original)``, or fails UNAVAILABLE when

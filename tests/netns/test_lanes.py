@@ -72,7 +72,7 @@ baggage:
 """
 
 
-def _policy() -> str:
+def lanes_policy() -> str:
     empty = "\n".join(
         f"    - host: {host}\n      lanes: {{canary: {lane}}}"
         for host, (lane, _) in EMPTY_LANES.items()
@@ -80,32 +80,37 @@ def _policy() -> str:
     return POLICY % {"empty": empty}
 
 
+def name_services(lab: LaneLab) -> None:
+    """The names of the module docstring, in ``lab`` (``test_lanes_h2.py`` uses them too)."""
+    # A veth whose far end holds no address: nobody answers ARP for hosts on its
+    # subnet, so a SYN to one is never answered (a lane that hangs).
+    lab_ip = ["ip", "-n", lab.name]
+    for args in (
+        ["link", "add", "hole", "type", "veth", "peer", "name", "hole-far"],
+        ["link", "set", "hole", "up"],
+        ["link", "set", "hole-far", "up"],
+        ["addr", "add", "198.18.14.1/24", "dev", "hole"],
+    ):
+        subprocess.run([*lab_ip, *args], check=True, capture_output=True, timeout=20)
+    hosts = {
+        # the names a cluster's search path would resolve, each version in namespace
+        # default (a bare lane name takes the namespace the request named)
+        **{f"reviews{ns}": STABLE_ADDR for ns in NAMESPACE_FORMS},
+        **{f"reviews-canary{ns}": CANARY_ADDR for ns in NAMESPACE_FORMS},
+        "reviews-down": "127.0.0.12",
+        "reviews-slow": "198.18.14.99",
+        **dict.fromkeys(EMPTY_LANES, STABLE_ADDR),
+        "svc-fail": STABLE_ADDR,
+        "svc-cache": STABLE_ADDR,
+    }
+    lab.names(hosts, empty=("reviews-empty",))
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaneLab]:
     work: Path = tmp_path_factory.mktemp("lanes")
     with LaneLab("tcl14", work) as lab:
-        # A veth whose far end holds no address: nobody answers ARP for hosts on its
-        # subnet, so a SYN to one is never answered (a lane that hangs).
-        lab_ip = ["ip", "-n", lab.name]
-        for args in (
-            ["link", "add", "hole", "type", "veth", "peer", "name", "hole-far"],
-            ["link", "set", "hole", "up"],
-            ["link", "set", "hole-far", "up"],
-            ["addr", "add", "198.18.14.1/24", "dev", "hole"],
-        ):
-            subprocess.run([*lab_ip, *args], check=True, capture_output=True, timeout=20)
-        hosts = {
-            # the names a cluster's search path would resolve, each version in namespace
-            # default (a bare lane name takes the namespace the request named)
-            **{f"reviews{ns}": STABLE_ADDR for ns in NAMESPACE_FORMS},
-            **{f"reviews-canary{ns}": CANARY_ADDR for ns in NAMESPACE_FORMS},
-            "reviews-down": "127.0.0.12",
-            "reviews-slow": "198.18.14.99",
-            **dict.fromkeys(EMPTY_LANES, STABLE_ADDR),
-            "svc-fail": STABLE_ADDR,
-            "svc-cache": STABLE_ADDR,
-        }
-        lab.names(hosts, empty=("reviews-empty",))
+        name_services(lab)
         lab.service("reviews-stable", f"{STABLE_ADDR}:9080")
         lab.service("reviews-canary", f"{CANARY_ADDR}:9080")
         # The pod's app behind the sidecar's inbound side: instrumented with the
@@ -113,7 +118,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaneLab]:
         lab.service("otel-app", "127.0.0.1:8080", next_url=REVIEWS, how="otel", proxy=PROXY)
         # The same app without OpenTelemetry, for contrast.
         lab.service("plain-app", "127.0.0.21:8080", next_url=REVIEWS, proxy=PROXY)
-        lab.sidecar("sidecar", _policy(), "stable", ADMIN)
+        lab.sidecar("sidecar", lanes_policy(), "stable", ADMIN)
         yield lab
 
 

@@ -15,12 +15,16 @@ address as its original destination and the name only in the Host header.
     ratings          198.18.71.5:9080   stable version; its lane refuses
     ratings-canary   198.18.71.9        an address with nothing listening
     details-b        198.18.71.6:9080   another instance of details, not in the answer for details
+
+Each service also speaks HTTP/2 on port 50080 (``nghttpd -v``, whose log shows the
+headers it received), for the same calls made by curl with ``--http2-prior-knowledge``.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +36,8 @@ from sidecar.demo.run import metric_value
 pytestmark = pytest.mark.root
 
 PORT = 9080
+H2_PORT = 50080
+H2_SERVICES = ("reviews", "reviews-canary", "details", "details-b")
 POD_ADDR, NET = "198.18.71.1", "198.18.71.0/24"
 ADDRS = {
     "reviews": "198.18.71.2",
@@ -82,6 +88,17 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaneLab]:
             subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
         for name in ("reviews", "reviews-canary", "details", "ratings", "details-b"):
             srv.service(name, f"{ADDRS[name]}:{PORT}")
+        for name in H2_SERVICES:
+            root = srv.workdir / f"www-{name}"
+            root.mkdir()
+            (root / "who").write_text(name)
+            argv = ["nghttpd", "--no-tls", "-v", "-a", ADDRS[name], "-d", str(root), str(H2_PORT)]
+            srv.spawn(argv, srv.workdir / f"{name}-h2.log")
+            url = f"http://{ADDRS[name]}:{H2_PORT}/who"
+            deadline = time.monotonic() + 10
+            while srv.curl("--http2-prior-knowledge", url).stdout != name:
+                assert time.monotonic() < deadline, f"nghttpd for {name} did not start"
+                time.sleep(0.05)
         pod.names(ADDRS)  # details-canary is in neither: NXDOMAIN
         pod.sidecar("sidecar", POLICY, "stable", ADMIN)
         yield pod
@@ -154,4 +171,52 @@ def test_the_fallback_is_the_address_the_app_dialled_not_the_hosts_answer(pod: L
         "canary",
         f"details:{PORT}",
     ), got
+    assert metric(pod, "traffic_color_lane_fallbacks_total", **labels) == before + 1
+
+
+def app_get_h2(pod: LaneLab, host: str, *headers: str, dial: str = "") -> tuple[str, str]:
+    """The app's plain HTTP/2 call (prior knowledge, as gRPC clients make): which service
+    answered, and the headers that service's log shows for it."""
+    argv = [*NOBODY, *CLEAN_ENV, "curl", "-sS", "--max-time", "5", "--http2-prior-knowledge"]
+    if dial:
+        argv += ["--resolve", f"{host}:{H2_PORT}:{dial}"]
+    for h in headers:
+        argv += ["-H", h]
+    out = subprocess.run(
+        pod.argv([*argv, f"http://{host}:{H2_PORT}/who"]),
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    name = out.stdout
+    if name not in H2_SERVICES:
+        return name + out.stderr, ""
+    log = pod.workdir.parent / "services" / f"{name}-h2.log"
+    time.sleep(0.1)  # nghttpd writes its log as it goes
+    return name, log.read_text(errors="replace").rsplit(":method: GET", 1)[-1]
+
+
+def test_a_captured_http2_canary_call_reaches_its_lane(pod: LaneLab) -> None:
+    def h2() -> float:
+        return metric(
+            pod, "traffic_color_connections_total", direction="outbound", protocol="http2"
+        )
+
+    before = h2()
+    name, seen = app_get_h2(pod, "reviews", "x-traffic-color: canary")
+    assert name == "reviews-canary", name
+    assert f":authority: reviews:{H2_PORT}" in seen  # the app's name, not the lane's
+    assert "x-traffic-color: canary" in seen
+    assert h2() == before + 1  # captured, through the HTTP/2 side
+    name, seen = app_get_h2(pod, "reviews")
+    assert (name, "x-traffic-color: stable" in seen) == ("reviews", True)
+
+
+def test_a_captured_http2_call_falls_back_to_the_address_the_app_dialled(pod: LaneLab) -> None:
+    labels = {"host": "details", "color": "canary", "reason": "unresolved"}
+    before = metric(pod, "traffic_color_lane_fallbacks_total", **labels)
+    name, seen = app_get_h2(pod, "details", "x-traffic-color: canary", dial=ADDRS["details-b"])
+    assert name == "details-b", name
+    assert f":authority: details:{H2_PORT}" in seen
+    assert "x-traffic-color: canary" in seen
     assert metric(pod, "traffic_color_lane_fallbacks_total", **labels) == before + 1

@@ -24,11 +24,26 @@ def test_fields_authority_and_grpc() -> None:
 def test_recolor_replaces_every_color_field_and_keeps_the_rest_in_order() -> None:
     block = BLOCK + b"x-traffic-color\0a\0te\0trailers\0x-traffic-color\0b\0"
     f = h.fields(block)
-    out = h.recolor(block, f, b"x-traffic-color", b"stable")
+    out = h.rewrite(block, f, b"x-traffic-color", b"stable", None)
     assert out == BLOCK + b"te\0trailers\0x-traffic-color\0stable\0"
-    assert h.recolor(BLOCK, h.fields(BLOCK), b"x-traffic-color", b"canary") == (
+    assert h.rewrite(BLOCK, h.fields(BLOCK), b"x-traffic-color", b"canary", None) == (
         BLOCK + b"x-traffic-color\0canary\0"
     )
+
+
+def test_rewrite_replaces_baggage_fields_and_keeps_the_color_header_when_asked() -> None:
+    block = BLOCK + b"baggage\0a=1\0x-traffic-color\0canary\0baggage\0b=2\0te\0trailers\0"
+    f = h.fields(block)
+    joined = b"a=1,b=2,traffic-color=canary"
+    out = h.rewrite(block, f, b"x-traffic-color", None, (joined,))
+    assert out == BLOCK + b"x-traffic-color\0canary\0te\0trailers\0baggage\0" + joined + b"\0"
+    both = h.rewrite(block, f, b"x-traffic-color", b"stable", (b"k=v",))
+    assert h.fields(both) == (
+        [*h.fields(BLOCK)[0], b"te", b"x-traffic-color", b"baggage"],
+        [*h.fields(BLOCK)[1], b"trailers", b"stable", b"k=v"],
+    )
+    # Nothing to replace: the block is the same bytes.
+    assert h.rewrite(block, f, b"x-traffic-color", None, None) == block
 
 
 def test_coloring_a_block_follows_the_http1_rules() -> None:

@@ -39,11 +39,14 @@ from sidecar.proxy.http2.binding import (
     Session,
 )
 from sidecar.proxy.http2.stream import Relay
+from sidecar.proxy.lanes import LANE
 
 if TYPE_CHECKING:
     from sidecar.proxy.context import Key
     from sidecar.proxy.http2.pool import H2Pool
     from sidecar.proxy.http2.side import H2Side
+    from sidecar.proxy.lanerouter import LaneRouter
+    from sidecar.proxy.lanes import Choice
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +204,8 @@ class Downstream(Conn):
         relay.grpc = grpc = h.is_grpc(f)
         if grpc:
             relay.grpc_timeout = h.grpc_timeout(f)
-        colorer = self.side.ctx.colorer
+        ctx = self.side.ctx
+        colorer = ctx.colorer
         header = colorer.header
         own = h.values_of(f, header)
         if self.outbound:
@@ -211,10 +215,24 @@ class Downstream(Conn):
             color, reason = colorer.inbound(
                 own, h.captured(f, wanted) if wanted else {}, self.trusted
             )
+        bag = None
+        if colorer.baggage_key is not None:
+            values = h.values_of(f, h.BAGGAGE)
+            color, reason, event, bag = colorer.with_baggage(
+                color, reason, values, self.outbound or self.trusted
+            )
+            if event is not None:
+                self.counts.baggage[event] += 1
+            if bag == tuple(values):
+                bag = None  # forwarded as it came (already carrying the color, or malformed)
         relay.color = color
         if reason is not None:
             self.counts.rewrites[reason] += 1
-            block = h.recolor(block, f, header, color.encode())
+        # The color field is written unless the request's own was kept (a color taken
+        # from baggage has none yet).
+        recolor = reason is not None or not own
+        if recolor or bag is not None:
+            block = h.rewrite(block, f, header, color.encode() if recolor else None, bag)
         relay.block = block
         try:
             host, port = self._upstream(f)
@@ -222,7 +240,32 @@ class Downstream(Conn):
             relay.fail(h.BAD_REQUEST)
             return
         relay.key = (color, host, port)
+        lanes = ctx.lanes
+        if lanes is not None and self.outbound:
+            choice = self._lane(lanes, f, color, host, port, reason is None)
+            if choice is not None and choice.why == LANE:
+                relay.lane = choice
+                relay.key = (color, choice.host, choice.port)
         self.side.pool.assign(relay)
+
+    def _lane(
+        self, lanes: LaneRouter, f: h.Fields, color: str, host: str, port: int, carried: bool
+    ) -> Choice | None:
+        """Where a stream of ``color`` goes by the lane routes (``lanes.py``): the name is
+        the ``:authority``'s; captured, the port is the one dialled and the destination
+        dialled is what a non-lane choice and an empty lane's fallback get. None: no
+        usable name (a captured stream without ``:authority`` goes where it was sent)."""
+        dst = self.dst
+        if dst is None:
+            return lanes.choose(color, host, port, carried)
+        value = h.authority(f)
+        if not value:
+            return None
+        try:
+            name = self.side.authority(value)[0]
+        except DownstreamProtocolError:
+            return None
+        return lanes.choose(color, name, dst[1], carried, dst)
 
     def _upstream(self, f: h.Fields) -> tuple[str, int]:
         """Outbound: the captured destination, else ``:authority``; inbound: the app."""
@@ -251,6 +294,7 @@ class Upstream(Conn):
         self.retired = False  # GOAWAY received or closing: no new streams
         self.addrs: tuple[tuple[str, int], tuple[str, int]] | None = None
         self.hooks: Any = None  # the hooks that heard flow_open
+        self.lane: Choice | None = None  # the lane this connection is to, if any
         self.idle_since = pool.side.loop.time()
 
     def room(self) -> int:

@@ -13,6 +13,7 @@ from sidecar.coloring import Captured
 Fields = tuple[list[bytes], list[bytes]]  # names, values (same length, in order)
 
 GRPC_CONTENT_TYPE = b"application/grpc"
+BAGGAGE = b"baggage"  # W3C Baggage: one field or several, a list either way
 # gRPC status codes (grpc/doc/statuscodes.md) the proxy answers or infers.
 GRPC_OK = "0"
 GRPC_CANCELLED = "1"
@@ -31,6 +32,7 @@ TIMEOUT = "timeout"  # connect or first-answer deadline passed
 TOO_LARGE = "too_large"  # request header list over the limit
 BAD_REQUEST = "bad_request"  # no usable authority
 LOOP = "loop"  # the upstream named is this proxy's own outbound listener
+EMPTY_LANE = "empty_lane"  # the color's lane is empty and its route says fallback: fail
 
 _FAILURES = {
     # kind: (HTTP status, gRPC status, message)
@@ -39,6 +41,7 @@ _FAILURES = {
     TOO_LARGE: (431, GRPC_RESOURCE_EXHAUSTED, "request header list too large"),
     BAD_REQUEST: (400, GRPC_INTERNAL, "request names no upstream"),
     LOOP: (508, GRPC_INTERNAL, "request addressed to the proxy itself"),
+    EMPTY_LANE: (503, GRPC_UNAVAILABLE, "lane empty and its route says fallback: fail"),
 }
 
 # grpc/doc/http-grpc-status-mapping.md: the status a gRPC client infers from an HTTP one.
@@ -111,14 +114,32 @@ def is_grpc(f: Fields) -> bool:
     return ct is not None and ct.startswith(GRPC_CONTENT_TYPE)
 
 
-def recolor(block: bytes, f: Fields, header: bytes, color: bytes) -> bytes:
-    """The block with every ``header`` field replaced by one carrying ``color``."""
+def rewrite(
+    block: bytes,
+    f: Fields,
+    header: bytes,
+    color: bytes | None,
+    bag: tuple[bytes, ...] | None,
+) -> bytes:
+    """The block with every ``header`` field replaced by one carrying ``color`` and every
+    ``baggage`` field by ``bag``'s values, in order; None leaves that part as it is.
+
+    Fields that stay keep their order; the new ones go last (after every
+    pseudo-header, as RFC 9113 section 8.3 wants). Unchanged parts cost nothing: a
+    block without those fields only grows.
+    """
     names, values = f
-    if header in names:
+    drop = (color is not None and header in names, bag is not None and BAGGAGE in names)
+    if drop[0] or drop[1]:
+        gone = {n for n, d in zip((header, BAGGAGE), drop, strict=True) if d}
         block = b"".join(
-            k + b"\0" + v + b"\0" for k, v in zip(names, values, strict=True) if k != header
+            k + b"\0" + v + b"\0" for k, v in zip(names, values, strict=True) if k not in gone
         )
-    return block + header + b"\0" + color + b"\0"
+    if color is not None:
+        block += header + b"\0" + color + b"\0"
+    if bag is not None:
+        block += b"".join(BAGGAGE + b"\0" + v + b"\0" for v in bag)
+    return block
 
 
 def status(f: Fields) -> int:

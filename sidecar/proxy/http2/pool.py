@@ -4,11 +4,20 @@ Streams of many clients share a connection until the peer's
 SETTINGS_MAX_CONCURRENT_STREAMS is reached; the next one opens a sibling of the
 same color. Each new flow is told to the flow hooks before its SYN leaves (as
 the HTTP/1 pool does), so the kernel marks the whole flow, handshake included.
+
+A stream that chose a lane (``Relay.lane``, ``lanes.py``) is keyed by the lane's
+host, so lane flows never mix with others. The first stream of a lane key makes
+the connection through ``LaneRouter.open``; when the lane turns out empty, every
+stream waiting on it falls back on its own (counted per stream) to its original
+destination, keeping its color, or gets 503 / UNAVAILABLE with ``fallback:
+fail``. While a lane is known to be empty, its streams fall back at once, with no
+connection attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import sys
@@ -17,6 +26,7 @@ from typing import TYPE_CHECKING
 from sidecar.proxy.context import Key
 from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.connection import Upstream
+from sidecar.proxy.lanes import EmptyLane, LaneTable
 from sidecar.proxy.pool import _call_hook, color_dscp, connect_flow
 
 if TYPE_CHECKING:
@@ -48,11 +58,33 @@ class H2Pool:
             if conn.room() > 0:
                 conn.take(relay)
                 return
+        lane = relay.lane
+        if lane is not None:
+            lanes = self.ctx.lanes
+            down = lanes.cache.known_down(lane.host, lane.port) if lanes is not None else None
+            if down is not None:  # tried within its TTL: no new attempt
+                if not conns:
+                    del self.usable[key]
+                self._fall_back(relay, down)
+                return
         conn = Upstream(self, key)
+        conn.lane = lane
         conns.append(conn)
         self.open.add(conn)
         conn.take(relay)
         self.loop.create_task(self._connect(conn))
+
+    def _fall_back(self, relay: Relay, reason: str) -> None:
+        """``relay``'s lane is empty: its original destination, same color; or 503."""
+        lane, relay.lane = relay.lane, None
+        assert lane is not None
+        lanes = self.ctx.lanes  # None: the routes went away in a reload meanwhile
+        back = LaneTable.fallback(lane, reason) if lanes is None else lanes.fall_back(lane, reason)
+        if back is None:
+            relay.fail(h.EMPTY_LANE)
+            return
+        relay.key = (relay.color, back.host, back.port)
+        self.assign(relay)
 
     def forget(self, relay: Relay) -> None:
         """A client stream closed while its connection was still being made."""
@@ -104,31 +136,51 @@ class H2Pool:
     # ------------------------------------------------------------ connecting
 
     async def _connect(self, conn: Upstream) -> None:
+        lanes = self.ctx.lanes
         try:
-            async with asyncio.timeout(self.ctx.timeouts.connect):
-                await self._open(conn)
+            if conn.lane is not None and lanes is not None:
+                await lanes.open(conn.lane, functools.partial(self._lane_connect, conn))
+            else:
+                async with asyncio.timeout(self.ctx.timeouts.connect):
+                    await self._open(conn)
+        except EmptyLane as exc:
+            self._given_up(conn)
+            waiting, conn.waiting = conn.waiting, []
+            conn.failed(h.UNAVAILABLE)  # nobody waits on it any more
+            for relay in waiting:
+                self._fall_back(relay, exc.reason)
+            self.side.flush()
         except TimeoutError:
-            self._failed(conn, h.TIMEOUT)
+            self._given_up(conn)
+            conn.failed(h.TIMEOUT)
         except OSError as exc:
             log.debug("h2 upstream %s: %s", conn.key, exc)
-            self._failed(conn, h.UNAVAILABLE)
+            self._given_up(conn)
+            conn.failed(h.UNAVAILABLE)
 
-    def _failed(self, conn: Upstream, kind: str) -> None:
+    async def _lane_connect(self, conn: Upstream, address: str, timeout: float) -> None:
+        """``LaneRouter.open``'s connect: ``address`` of the lane, within ``timeout``."""
+        async with asyncio.timeout(min(timeout, self.ctx.timeouts.connect)):
+            await self._open(conn, address)
+
+    def _given_up(self, conn: Upstream) -> None:
+        """A connection that will never be made: out of the pool, its flow forgotten."""
         self.retire(conn)
         self.open.discard(conn)
         hooks, conn.hooks = conn.hooks, None
         if hooks is not None and conn.addrs is not None:
             _call_hook(hooks.flow_close, conn.key[0], *conn.addrs)
-        conn.failed(kind)
 
-    async def _open(self, conn: Upstream) -> None:
+    async def _open(self, conn: Upstream, address: str | None = None) -> None:
         """Connect; with flow hooks, bind first and register the 4-tuple before the SYN.
 
         In capture mode the socket carries the sidecar's own mark (SO_MARK), so the
         capture rules leave it alone; a color with a DSCP has it set on the socket, so
-        the node agent routes the flow (as the HTTP/1 pool does).
+        the node agent routes the flow (as the HTTP/1 pool does). ``address``: the one
+        a lane's lookup found for the key's host.
         """
         color, host, port = conn.key
+        host = address or host
         hooks = self.ctx.hooks
         mark = self.ctx.own_mark
         dscp = color_dscp(self.ctx.colorer.policy, color)

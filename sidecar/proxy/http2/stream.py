@@ -26,6 +26,7 @@ from sidecar.proxy.http2.binding import (
 
 if TYPE_CHECKING:
     from sidecar.proxy.http2.connection import Downstream, Upstream
+    from sidecar.proxy.lanes import Choice
 
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
@@ -45,6 +46,7 @@ class Relay:
         "grpc_status",
         "grpc_timeout",
         "key",
+        "lane",
         "owed_down",
         "owed_up",
         "pending",
@@ -68,6 +70,7 @@ class Relay:
         self.t0 = t0
         self.color = ""
         self.key: tuple[str, str, int] = ("", "", 0)
+        self.lane: Choice | None = None  # the lane chosen; None: none, or it was empty
         self.grpc = False
         self.grpc_timeout: float | None = None  # the call's own deadline, seconds
         self.block = b""  # the request head as forwarded (colored)
