@@ -9,8 +9,9 @@
  *
  * Why two of the maps are read in place: every bpf_map_lookup_elem() with a
  * key computed per packet costs a store and a reload of the key on the stack
- * and a bounds check, even when the verifier inlines it (it does for arrays and
- * per-CPU arrays on 6.x kernels). An array with a single value can instead be
+ * and a bounds check, even when the verifier inlines it (on the 6.18 kernel
+ * measured here it inlines both arrays and per-CPU arrays: `bpftool prog dump
+ * xlated` shows no call). An array with a single value can instead be
  * addressed directly (BPF_PSEUDO_MAP_VALUE, the kernel's "direct value access"
  * that libbpf uses for global variables): a 64-bit load of the value's address,
  * no call, no key, no NULL check. BCC creates maps only for its own
