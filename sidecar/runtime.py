@@ -331,6 +331,12 @@ class Sidecar:
                 log.error("capture reload failed, previous table kept: %s", exc)
         self.metrics.known_colors(policy.colors)
         self.ctx.colorer = Colorer(policy, self.pod_color)
+        from sidecar.proxy.pool import dscp_changes
+
+        changes = dscp_changes(old, policy)
+        if changes:
+            done = self.proxy.set_dscp(changes)
+            log.info("reload: DSCP %s set on %d open upstream flow(s)", changes, done)
         self.ctx.lanes = self._lanes(policy)
         self.ctx.timeouts = policy.timeouts
         self.ctx.app = policy.inbound.app

@@ -19,7 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar.admin.access import path_open, peer_allowed
 from sidecar.admin.merge import APP_METRICS_ENV, AppMetrics, check_target, merge
 from sidecar.errors import DatapathError
-from sidecar.policy import Address
+from sidecar.policy import Address, parse_address
+from sidecar.proxy.lanes import is_ip
 
 if TYPE_CHECKING:
     from sidecar.node import NodeAgent
@@ -117,7 +118,7 @@ class AdminServer:
                 {"error": f"unknown color '{color}'", "colors": list(policy.colors)}, status=400
             )
         if "host" in request.query:
-            return self._lane_route(color, request.query["host"])
+            return self._lane_route(color, request.query["host"], dst)
         try:
             ipaddress.ip_address(dst)
         except ValueError:
@@ -137,16 +138,29 @@ class AdminServer:
             return web.json_response({"error": str(exc)}, status=500)
         return web.json_response(answer)
 
-    def _lane_route(self, color: str, host: str) -> web.Response:
-        """The lane decision for a request of ``color`` (carried by it) to ``host``."""
+    def _lane_route(self, color: str, host: str, dst: str = "") -> web.Response:
+        """The lane decision for a request of ``color`` (carried by it) to ``host``.
+
+        With ``dst`` (``IP:PORT``, ``[IPv6]:PORT``), as for a captured request: the
+        route is matched on ``host``'s name at ``dst``'s port, and ``dst``, the
+        destination the app dialled, is where every choice but a lane's goes and where
+        an empty lane falls back (``host``'s port plays no part, as in the proxy).
+        """
         name, sep, port = host.rpartition(":") if not host.endswith("]") else ("", "", "")
         if not sep:
             name, port = host, "80"
         if not name or not port.isdigit() or not 0 < int(port) < 65536:
             return web.json_response({"error": f"host '{host}' is not NAME[:PORT]"}, status=400)
+        original = None
+        if dst:
+            addr = parse_address(dst)
+            if addr is None or not is_ip(addr.host):
+                text = f"dst '{dst}' is not IP:PORT or [IPv6]:PORT (the captured destination)"
+                return web.json_response({"error": text}, status=400)
+            original, port = (addr.host, addr.port), str(addr.port)
         lanes = self.sidecar.ctx.lanes
         if lanes is None:
-            destination = f"{name}:{port}"
+            destination = dst or f"{name}:{port}"
             return web.json_response(
                 {
                     "color": color,
@@ -155,4 +169,4 @@ class AdminServer:
                     "original": destination,
                 }
             )
-        return web.json_response(lanes.describe(color, name.strip("[]"), int(port)))
+        return web.json_response(lanes.describe(color, name.strip("[]"), int(port), original))

@@ -84,11 +84,17 @@ class LaneLab:
     # ------------------------------------------------------------ names
 
     def names(
-        self, hosts: dict[str, str], dns: dict[str, str] | None = None, empty: tuple[str, ...] = ()
+        self,
+        hosts: dict[str, str | tuple[str, ...]],
+        dns: dict[str, str] | None = None,
+        empty: tuple[str, ...] = (),
     ) -> None:
-        """``hosts``: the namespace's /etc/hosts; ``dns``: names its DNS serves with a TTL;
-        ``empty``: names that exist in DNS with no address (NODATA). Others: NXDOMAIN."""
-        lines = ["127.0.0.1 localhost", *(f"{addr} {name}" for name, addr in hosts.items())]
+        """``hosts``: the namespace's /etc/hosts (a tuple: several addresses, in order);
+        ``dns``: names its DNS serves with a TTL; ``empty``: names that exist in DNS with
+        no address (NODATA). Others: NXDOMAIN."""
+        lines = ["127.0.0.1 localhost"]
+        for name, addrs in hosts.items():
+            lines += (f"{addr} {name}" for addr in ((addrs,) if isinstance(addrs, str) else addrs))
         (self.etc / "hosts").write_text("\n".join(lines) + "\n")
         served = self.workdir / "dns.hosts"
         served.write_text("".join(f"{addr} {name}\n" for name, addr in (dns or {}).items()))

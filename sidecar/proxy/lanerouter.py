@@ -7,6 +7,7 @@ The HTTP/1 and HTTP/2 paths call ``choose``, then ``open`` for a lane choice, th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -35,19 +36,46 @@ class LaneRouter:
         self.choose = self.table.choose  # the hot path calls the table's method directly
 
     async def open(self, choice: Choice, connect: Connect[T]) -> T:
-        """A connection to ``choice``'s lane; raises ``EmptyLane`` when it has nobody."""
-        down = self.cache.known_down(choice.host, choice.port)
+        """A connection to ``choice``'s lane; raises ``EmptyLane`` when it has nobody.
+
+        A name may have several addresses (a headless Service's pods, a hosts file,
+        IPv4 and IPv6): they are tried in order, one at a time, and
+        ``timeouts.lane_connect`` bounds the whole attempt, because it is how long a
+        request waits before it falls back, whatever the number of addresses. Each
+        attempt gets an equal share of the time left (two addresses: 250 ms each of
+        the default 500 ms, Happy Eyeballs' attempt delay), so an address that never
+        answers cannot use up the time of a live one after it; one that refuses hands
+        its share on at once. An address that failed is tried after the others for a
+        TTL. The lane is empty only when every address failed: ``timeout`` when one
+        of them did not answer, else ``refused``.
+        """
+        host, port = choice.host, choice.port
+        down = self.cache.known_down(host, port)
         if down is not None:
-            raise EmptyLane(choice.host, down)
-        addresses = await self.cache.resolve(choice.host)
-        try:
-            return await connect(addresses[0], self.timeout)
-        except TimeoutError:
-            reason = TIMEOUT
-        except OSError:  # refused, reset at once, unreachable: an answer that says no
-            reason = REFUSED
-        self.cache.mark_down(choice.host, choice.port, reason)
-        raise EmptyLane(choice.host, reason)
+            raise EmptyLane(host, down)
+        addresses = await self.cache.resolve(host)
+        several = len(addresses) > 1
+        if several:
+            known_down = self.cache.known_down
+            addresses = sorted(addresses, key=lambda a: known_down(a, port) is not None)
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + self.timeout
+        reason = REFUSED
+        for i, address in enumerate(addresses):
+            left = deadline - clock()
+            if left <= 0:
+                reason = TIMEOUT
+                break
+            try:
+                return await connect(address, left / (len(addresses) - i))
+            except TimeoutError:
+                failed = reason = TIMEOUT
+            except OSError:  # refused, reset at once, unreachable: an answer that says no
+                failed = REFUSED
+            if several:
+                self.cache.mark_down(address, port, failed)
+        self.cache.mark_down(host, port, reason)
+        raise EmptyLane(host, reason)
 
     def fall_back(self, choice: Choice, reason: str) -> Choice | None:
         """Count an empty lane; the original destination, or None to answer 503."""
@@ -57,9 +85,12 @@ class LaneRouter:
             return None
         return self.table.fallback(choice, reason)
 
-    def describe(self, color: str, host: str, port: int) -> dict:
-        """``/debug/route?color=&host=``: where a carried ``color`` to ``host`` goes now."""
-        choice = self.table.choose(color, host, port, True)
+    def describe(
+        self, color: str, host: str, port: int, original: tuple[str, int] | None = None
+    ) -> dict:
+        """``/debug/route?color=&host=[&dst=]``: where a carried ``color`` to ``host`` goes
+        now; ``original`` as in ``LaneTable.choose`` (the captured destination)."""
+        choice = self.table.choose(color, host, port, True, original)
         out = choice.describe()
         if choice.route is not None and choice.why == "lane":
             out["lane"] = self.cache.state(choice.host, choice.port)

@@ -156,12 +156,20 @@ class Pool:
             self._keys.clear()
         # A timeout scope, not ``wait_for``: no second task per connect (a burst of a
         # thousand requests opens a thousand at once).
-        dscp = color_dscp(self.ctx.colorer.policy, key[0])
+        policy = self.ctx.colorer.policy
+        dscp = color_dscp(policy, key[0])
         async with asyncio.timeout(timeout or self.ctx.timeouts.connect):
             if self.ctx.hooks is not None or self.ctx.own_mark or dscp is not None:
-                return await self._connect_colored(key, host, tunnel, dscp)
-            _, conn = await self.loop.create_connection(lambda: self._new(key, tunnel), host, port)
-            return conn
+                conn = await self._connect_colored(key, host, tunnel, dscp)
+            else:
+                _, conn = await self.loop.create_connection(
+                    lambda: self._new(key, tunnel), host, port
+                )
+        if self.ctx.colorer.policy is not policy:  # reloaded meanwhile: see ``set_dscp``
+            changed = dscp_changes(policy, self.ctx.colorer.policy).get(key[0])
+            if changed is not None:
+                set_transport_dscp(conn.transport, changed)
+        return conn
 
     def _new(self, key: Key, tunnel: Tunnel | None) -> UpstreamConnection:
         conn = UpstreamConnection(self, key)
@@ -259,6 +267,27 @@ class Pool:
         if hooks is not None:
             conn.hooks = None
             _call_hook(hooks.flow_close, color, *conn.addrs)  # type: ignore[misc]
+
+    def set_dscp(self, changes: dict[str, int]) -> int:
+        """Give the open flows of each color in ``changes`` (``dscp_changes``) its new DS
+        field: hot, parked, busy, tunnels and opaque relays alike. Setting it on a live
+        socket changes the packets it sends from then on, so a reload needs no
+        reconnect; a flow opened meanwhile is seen to by ``connect``. How many."""
+        done = 0
+        for flow in list(self.open):
+            dscp = changes.get(flow.key[0])
+            if dscp is None:
+                continue
+            fd = flow.fd if isinstance(flow, ParkedFlow) else flow.parked  # parked, parking
+            if fd is None:
+                done += set_transport_dscp(flow.transport, dscp)
+                continue
+            sock = socket.socket(fileno=fd)  # borrowed: detached, never closed here
+            try:
+                done += set_socket_dscp(sock, dscp)
+            finally:
+                sock.detach()
+        return done
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -411,6 +440,33 @@ def color_dscp(policy: Policy, color: str) -> int | None:
     """The DSCP a color's upstream sockets carry, or None when it has none. Pure."""
     c = policy.colors.get(color)
     return c.dscp if c is not None else None
+
+
+def dscp_changes(old: Policy, new: Policy) -> dict[str, int]:
+    """color -> the DSCP its open flows carry after a reload from ``old`` to ``new``, for
+    each color whose DSCP changed; 0 (what a socket has by default) where it has none
+    any more, the color itself gone included. Pure."""
+    out: dict[str, int] = {}
+    for color in (*old.colors, *(c for c in new.colors if c not in old.colors)):
+        before, after = color_dscp(old, color), color_dscp(new, color)
+        if before != after:
+            out[color] = after or 0
+    return out
+
+
+def set_socket_dscp(sock: Any, dscp: int) -> bool:
+    """Put ``dscp`` on an open socket (or a transport's socket object); False if it is gone."""
+    try:
+        sock.setsockopt(*tos_option(sock.family, dscp))
+    except OSError:  # closed meanwhile
+        return False
+    return True
+
+
+def set_transport_dscp(transport: asyncio.BaseTransport | None, dscp: int) -> bool:
+    """``set_socket_dscp`` on a transport's socket; False when it has none (closing)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and set_socket_dscp(sock, dscp)
 
 
 def tos_option(family: int, dscp: int) -> tuple[int, int, int]:

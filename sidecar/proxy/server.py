@@ -2,7 +2,8 @@
 
 The lead's runtime builds a ``ProxyContext`` and swaps its ``colorer``,
 ``timeouts`` and ``app`` on reload; the proxy reads them per request (and the
-sweeper per tick), so a reload needs no restart and no call into the proxy.
+sweeper per tick), so a reload needs no restart. The one call into the proxy a
+reload makes is ``set_dscp``: flows already open get a changed color's DSCP.
 """
 
 from __future__ import annotations
@@ -103,6 +104,17 @@ class Proxy:
             for color, n in h2.open_flows().items():
                 counts[color] = counts.get(color, 0) + n
         return counts
+
+    def set_dscp(self, changes: dict[str, int]) -> int:
+        """color -> DSCP (``pool.dscp_changes``) on every open upstream flow of those colors,
+        HTTP/1 and HTTP/2: a pooled flow would carry the old one until it closed. How many."""
+        if not changes or self._shared is None:
+            return 0
+        done = self._shared.pool.set_dscp(changes)
+        h2 = self._door.h2 if self._door is not None else None
+        if h2 is not None:
+            done += h2.pool.set_dscp(changes)
+        return done
 
     def parked_flows(self) -> int:
         """Idle upstream flows held without a transport (see ``Pool``): open all the same."""

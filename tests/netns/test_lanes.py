@@ -12,6 +12,8 @@ Host, color and baggage they received.
     reviews-down   127.0.0.12        nothing listens: refused
     reviews-slow   198.18.14.99      on a veth nobody answers on: timeout
     reviews-empty                    DNS NODATA: no address
+    reviews-multi  198.18.14.98, 127.0.0.13, 127.0.0.14:9080
+                   no answer, refused, then a second canary instance
     (anything else)                  DNS NXDOMAIN: unresolved
 """
 
@@ -34,7 +36,7 @@ PROXY = "http://127.0.0.1:15001"
 REVIEWS = "http://reviews:9080/"
 NAMESPACE_FORMS = ("", ".default", ".default.svc.cluster.local")
 ADMIN = "127.0.0.1:15090"
-STABLE_ADDR, CANARY_ADDR = "127.0.0.10", "127.0.0.11"
+STABLE_ADDR, CANARY_ADDR, CANARY2_ADDR = "127.0.0.10", "127.0.0.11", "127.0.0.14"
 # route host -> lane host for canary; each route host itself is the stable service
 EMPTY_LANES = {
     "svc-unresolved": ("nosuch-canary", "unresolved"),
@@ -58,6 +60,8 @@ outbound:
     - host: reviews
       lanes: {canary: reviews-canary}
 %(empty)s
+    - host: svc-multi
+      lanes: {canary: reviews-multi}
     - host: svc-fail
       lanes: {canary: nosuch-fail}
       fallback: fail
@@ -101,6 +105,11 @@ def name_services(lab: LaneLab) -> None:
         "reviews-slow": "198.18.14.99",
         **dict.fromkeys(EMPTY_LANES, STABLE_ADDR),
         "svc-fail": STABLE_ADDR,
+        # several addresses, tried in order (a headless Service, a dual-stack name);
+        # none named twice: c-ares (before its fix of issue 1049) keeps only the first
+        # address of a name whose second one an earlier line gave another name
+        "reviews-multi": ("198.18.14.98", "127.0.0.13", CANARY2_ADDR),
+        "svc-multi": STABLE_ADDR,
         "svc-cache": STABLE_ADDR,
     }
     lab.names(hosts, empty=("reviews-empty",))
@@ -113,6 +122,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaneLab]:
         name_services(lab)
         lab.service("reviews-stable", f"{STABLE_ADDR}:9080")
         lab.service("reviews-canary", f"{CANARY_ADDR}:9080")
+        lab.service("reviews-canary-2", f"{CANARY2_ADDR}:9080")
         # The pod's app behind the sidecar's inbound side: instrumented with the
         # OpenTelemetry SDK, it copies nothing from its request onto its call to reviews.
         lab.service("otel-app", "127.0.0.1:8080", next_url=REVIEWS, how="otel", proxy=PROXY)
@@ -170,6 +180,20 @@ def test_an_empty_lane_falls_back_keeping_the_color(lab: LaneLab, host: str) -> 
     assert after == before + 1
     if reason == "timeout":
         assert 0.25 < took < 3.0, took  # timeouts.lane_connect, then the stable answer
+
+
+def test_a_lane_reaches_a_live_address_after_dead_ones(lab: LaneLab) -> None:
+    """A silent address, a refusing one, then a live one: it serves, within lane_connect."""
+    host = "svc-multi"
+    t0 = time.monotonic()
+    code, got = get(lab, host, "x-traffic-color: canary")
+    took = time.monotonic() - t0
+    assert (code, got["name"], got["color"]) == (200, "reviews-canary-2", "canary"), got
+    assert got["host"] == f"{host}:9080"
+    assert took < 2.0, took  # a third of lane_connect (0.3 s), curl's start, machine noise
+    for reason in ("refused", "timeout"):
+        labels = {"host": host, "color": "canary", "reason": reason}
+        assert metric(lab, "traffic_color_lane_fallbacks_total", **labels) == 0
 
 
 def test_fallback_fail_answers_503(lab: LaneLab) -> None:

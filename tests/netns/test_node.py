@@ -510,11 +510,14 @@ def test_sigterm_removes_everything_and_sigkill_leftovers_are_replaced(topo, pol
 # ------------------------------------------------------------------ a sidecar without capabilities
 
 
-def test_a_sidecar_without_capabilities_gets_its_canary_flow_routed(topo, agent, tmp_path):
-    if shutil.which("setpriv") is None or shutil.which("curl") is None:
-        pytest.fail("setpriv (util-linux) and curl are needed")
-    pod = topo.pods["b"]
-    backends = [
+POD_PORTS = 'outbound: {listen: "127.0.0.1:15001"}\nadmin: {listen: "127.0.0.1:15090"}\n'
+POD_PORTS += 'inbound: {listen: "127.0.0.1:15006"}\n'
+
+
+@contextlib.contextmanager
+def http_backends(topo: Topo) -> Iterator[None]:
+    """``stable-host`` and ``canary-host`` HTTP backends on the service address, port 8081."""
+    procs = [
         subprocess.Popen(
             nsexec(
                 host, sys.executable, "-m", "sidecar.demo.backend", "--name", name, "--port", "8081"
@@ -525,56 +528,111 @@ def test_a_sidecar_without_capabilities_gets_its_canary_flow_routed(topo, agent,
         )
         for host, name in ((topo.stable, "stable-host"), (topo.canary, "canary-host"))
     ]
-    sidecar_policy = tmp_path / "pod.yaml"
-    sidecar_policy.write_text(
-        policy_text().split("datapath:")[0]
-        + 'outbound: {listen: "127.0.0.1:15001"}\nadmin: {listen: "127.0.0.1:15090"}\n'
-        + 'inbound: {listen: "127.0.0.1:15006"}\n'
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def pod_curl(pod: str, *args: str) -> str:
+    got = subprocess.run(
+        nsexec(pod, "curl", "-s", *args), capture_output=True, text=True, timeout=10
     )
-    log = tmp_path / "sidecar.log"
+    return got.stdout
+
+
+@contextlib.contextmanager
+def pod_sidecar(pod: str, policy: Path, log: Path, *prefix: str) -> Iterator[subprocess.Popen]:
+    """``traffic-color run`` in ``pod`` (color canary, after ``prefix``), until ready."""
     with open(log, "wb") as out:
         sidecar = subprocess.Popen(
-            nsexec(
-                pod, *NO_CAPS, *SIDECAR, "run", "--policy", str(sidecar_policy), "--color", "canary"
-            ),
+            nsexec(pod, *prefix, *SIDECAR, "run", "--policy", str(policy), "--color", "canary"),
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
             stdout=out,
             stderr=out,
         )
     try:
         deadline = time.monotonic() + 30
-        while True:
-            probe = subprocess.run(
-                ["ip", "netns", "exec", pod, "curl", "-s", "http://127.0.0.1:15090/readyz"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            if probe.stdout.strip() == "ready":
-                break
+        while pod_curl(pod, "http://127.0.0.1:15090/readyz").strip() != "ready":
             assert sidecar.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
+        yield sidecar
+    finally:
+        sidecar.send_signal(signal.SIGTERM)
+        sidecar.wait(30)
+
+
+def test_a_sidecar_without_capabilities_gets_its_canary_flow_routed(topo, agent, tmp_path):
+    if shutil.which("setpriv") is None or shutil.which("curl") is None:
+        pytest.fail("setpriv (util-linux) and curl are needed")
+    pod = topo.pods["b"]
+    sidecar_policy = tmp_path / "pod.yaml"
+    sidecar_policy.write_text(policy_text().split("datapath:")[0] + POD_PORTS)
+    log = tmp_path / "sidecar.log"
+    with http_backends(topo), pod_sidecar(pod, sidecar_policy, log, *NO_CAPS) as sidecar:
         # ip netns exec and setpriv both exec: the pid is the sidecar's
         caps = Path(f"/proc/{sidecar.pid}/status").read_text()
         assert "CapEff:\t0000000000000000" in caps, "the sidecar must run with no capability"
         for svc in (SVC4, f"[{SVC6}]"):
-            got = subprocess.run(
-                nsexec(pod, "curl", "-s", "-x", "http://127.0.0.1:15001", f"http://{svc}:8081/"),
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            body = json.loads(got.stdout)
-            assert body["host"] == "canary-host", (svc, got.stdout, log.read_text()[-2000:])
+            got = pod_curl(pod, "-x", "http://127.0.0.1:15001", f"http://{svc}:8081/")
+            body = json.loads(got)
+            assert body["host"] == "canary-host", (svc, got, log.read_text()[-2000:])
             assert body["color"] == "canary"
-    finally:
-        sidecar.send_signal(signal.SIGTERM)
-        sidecar.wait(30)
-        for p in backends:
-            p.terminate()
-            p.wait(10)
     counters = agent.status()["datapath"]["counters"]["canary"]["veth-b"]
     assert counters["packets"] >= 6
+
+
+def test_a_reload_puts_the_new_dscp_on_a_flow_opened_before_it(topo, agent, tmp_path):
+    """The pod's canary flows carry the node's ``dark`` DSCP, then, after a reload of the
+    sidecar, ``stable``'s: both routed by the main table, so the pooled keep-alive flow
+    lives on, and the node's per-color counters show which DSCP its packets carried."""
+    pod = topo.pods["b"]
+    colors = (
+        "version: 1\ncolors:\n  stable: {mark: 0x1, dscp: %d}\n  canary: {mark: 0x2, dscp: %d}\n"
+    )
+    policy = tmp_path / "pod.yaml"
+    policy.write_text(colors % (FOREIGN_DSCP, DARK_DSCP) + POD_PORTS)
+
+    def packets(color: str) -> int:
+        """Packets from pod b the node counted under ``color``, once the flow is quiet."""
+        counts = agent.status()["datapath"]["counters"]
+        seen = [-1, counts.get(color, {}).get("veth-b", {}).get("packets", 0)]
+        while seen[-1] != seen[-2]:  # a delayed ACK may still be on its way
+            time.sleep(0.3)
+            counts = agent.status()["datapath"]["counters"]
+            seen.append(counts.get(color, {}).get("veth-b", {}).get("packets", 0))
+        return seen[-1]
+
+    def ask() -> tuple[str, list[str]]:
+        """Who answered through the sidecar, and the sidecar's flows to the service."""
+        body = json.loads(pod_curl(pod, "-x", "http://127.0.0.1:15001", f"http://{SVC4}:8081/"))
+        ss = subprocess.run(
+            nsexec(pod, "ss", "-Htn", "state", "established", "dst", f"{SVC4}:8081"),
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        return body["host"], sorted(line.split()[2] for line in ss.stdout.splitlines())
+
+    def digest() -> str:
+        return json.loads(pod_curl(pod, "http://127.0.0.1:15090/status"))["policy"]["digest"]
+
+    with http_backends(topo), pod_sidecar(pod, policy, tmp_path / "sidecar.log") as sidecar:
+        dark, stable = packets("dark"), packets("stable")
+        host, flows = ask()
+        assert host == "stable-host" and len(flows) == 1, (host, flows)
+        assert packets("dark") > dark and packets("stable") == stable
+        dark = packets("dark")
+        before = digest()
+        policy.write_text(colors % (FOREIGN_DSCP, STABLE_DSCP) + POD_PORTS)
+        sidecar.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while digest() == before:
+            assert time.monotonic() < deadline, "the sidecar did not reload"
+            time.sleep(0.1)
+        assert ask() == ("stable-host", flows), "the flow opened before the reload served"
+        assert packets("stable") > stable, "its packets now carry the new DSCP"
+        assert packets("dark") == dark, "and none of them the old one"
 
 
 def test_reload_of_interfaces_and_color_order_keeps_counts_under_their_names(

@@ -319,3 +319,74 @@ async def test_reload_swaps_lane_routes_and_keeps_the_resolver_cache(
         assert sc.ctx.lanes is None
     finally:
         await sc.stop()
+
+
+async def test_debug_route_takes_the_captured_destination(tmp_path: Path, backend: Backend) -> None:
+    import json
+
+    routed = policy_text(backend.port).replace(
+        'outbound: {listen: "127.0.0.1:0"}',
+        'outbound: {listen: "127.0.0.1:0", routes: [{host: reviews, lanes: {canary: r-canary}}]}',
+    )
+    sc = await started(configmap(tmp_path, routed))
+    try:
+
+        async def route(query: str) -> tuple[int, dict]:
+            status, text = await admin_get(sc, "/debug/route?" + query)
+            return status, json.loads(text)
+
+        # stable and laneless choices go where the app dialled, at the dialled port
+        status, got = await route("color=stable&host=reviews&dst=10.96.0.12:9080")
+        assert status == 200, got
+        assert (got["why"], got["destination"], got["original"]) == (
+            "stable",
+            "10.96.0.12:9080",
+            "10.96.0.12:9080",
+        )
+        status, got = await route("color=canary&host=reviews:80&dst=[fd00:96::12]:9080")
+        assert (got["why"], got["destination"], got["original"]) == (
+            "lane",
+            "r-canary:9080",
+            "[fd00:96::12]:9080",
+        )
+        # an empty lane falls back to the captured destination, not to the name
+        sc.ctx.lanes.cache.mark_down("r-canary", 9080, "refused")
+        status, got = await route("color=canary&host=reviews&dst=10.96.0.12:9080")
+        assert (got["why"], got["reason"], got["destination"]) == (
+            "fallback",
+            "refused",
+            "10.96.0.12:9080",
+        )
+        for bad in ("10.96.0.12", "reviews:9080", "fd00::12:9080", "[10.0.0.1]:80", "1.2.3.4:0"):
+            status, got = await route(f"color=canary&host=reviews&dst={bad}")
+            assert status == 400 and "IP:PORT" in got["error"], (bad, got)
+    finally:
+        await sc.stop()
+
+
+async def test_a_reload_gives_open_pooled_flows_the_new_dscp(
+    tmp_path: Path, backend: Backend
+) -> None:
+    import socket
+
+    text = policy_text(backend.port).replace("canary: {mark: 0x2}", "canary: {mark: 0x2, dscp: 10}")
+    sc = await started(configmap(tmp_path, text), color="canary")
+    try:
+        assert await color_of(sc, backend, None) == "canary"
+        [conn] = sc.proxy._shared.pool.open  # type: ignore[union-attr]
+        sock = conn.transport.get_extra_info("socket")
+
+        def ds_field() -> int:
+            return sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS)
+
+        assert ds_field() == 10 << 2
+        configmap(tmp_path, text.replace("dscp: 10", "dscp: 46"))
+        assert await sc.reload("test") is True
+        assert ds_field() == 46 << 2
+        assert await color_of(sc, backend, None) == "canary"
+        assert backend.connections == 1, "the flow opened before the reload carried it"
+        configmap(tmp_path, text.replace(", dscp: 10", ""))
+        assert await sc.reload("test") is True
+        assert ds_field() == 0, "a DSCP removed from the color: the default again"
+    finally:
+        await sc.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from sidecar.policy import parse_policy
-from sidecar.proxy.pool import color_dscp, tos_option
+from sidecar.proxy.pool import color_dscp, set_socket_dscp, tos_option
 
 POLICY = parse_policy("version: 1\ncolors:\n  stable: {mark: 1}\n  canary: {mark: 2, dscp: 10}\n")
 
@@ -27,3 +27,15 @@ def test_an_unprivileged_socket_accepts_it():
             s.setsockopt(*tos_option(family, 10))
             level, opt, _ = tos_option(family, 10)
             assert s.getsockopt(level, opt) == 40
+
+
+def test_a_live_connected_socket_takes_a_new_dscp_per_family() -> None:
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family, socket.SOCK_STREAM) as server:
+            server.bind((host, 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname()[:2]) as client:
+                level, opt, _ = tos_option(family, 0)
+                assert set_socket_dscp(client, 10) and client.getsockopt(level, opt) == 40
+                assert set_socket_dscp(client, 0) and client.getsockopt(level, opt) == 0
+            assert not set_socket_dscp(client, 10)  # closed: said, not raised

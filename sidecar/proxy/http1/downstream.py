@@ -939,10 +939,14 @@ class Downstream(asyncio.Protocol):
             self.response_broken(ex)
             return
         ex.code = status
-        # After a CONNECT or Upgrade head the parser only passes bytes through: no
-        # further request can be read, so the connection ends with the answer.
+        # A 5xx answers a well-formed request the upstream, a lane or the proxy failed
+        # (502, 503 of ``fallback: fail``, 504, 508): once that request was read
+        # completely the client may send its next one on the same connection. A 4xx
+        # means the client's bytes are not to be trusted further. After a CONNECT or
+        # Upgrade head the parser only passes bytes through: no further request can
+        # be read, so the connection ends with the answer.
         keep = (
-            status in (502, 504)
+            status >= 500
             and ex.keep_alive
             and ex.complete
             and not (ex.connect or ex.upgrade or self.shared.draining)

@@ -27,7 +27,7 @@ from sidecar.proxy.context import Key
 from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.connection import Upstream
 from sidecar.proxy.lanes import EmptyLane, LaneTable
-from sidecar.proxy.pool import _call_hook, color_dscp, connect_flow
+from sidecar.proxy.pool import _call_hook, color_dscp, connect_flow, set_transport_dscp
 
 if TYPE_CHECKING:
     from sidecar.proxy.http2.side import H2Side
@@ -119,6 +119,15 @@ class H2Pool:
         for conn in self.open:
             out[conn.key[0]] = out.get(conn.key[0], 0) + 1
         return out
+
+    def set_dscp(self, changes: dict[str, int]) -> int:
+        """Each changed color's DSCP on its open connections, as ``Pool.set_dscp``."""
+        done = 0
+        for conn in list(self.open):
+            dscp = changes.get(conn.key[0])
+            if dscp is not None:
+                done += set_transport_dscp(conn.transport, dscp)
+        return done
 
     def sweep(self, now: float, idle: float) -> None:
         for conn in list(self.open):
