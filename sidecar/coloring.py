@@ -30,6 +30,11 @@ SPLIT_BUCKETS = 10_000  # percent * 100: fine-grained, and a percent maps to who
 Captured = dict[bytes, list[bytes]]
 
 
+# Baggage values up to this many bytes have their decision remembered: 4096 of them
+# hold at most ~4 MiB, where values up to the 64 KiB header limit would hold 256 MiB.
+_BAG_CACHED = 1024
+
+
 def split_bucket(key: bytes) -> int:
     """Stable bucket of a sticky key: the same key lands in the same bucket forever."""
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % SPLIT_BUCKETS
@@ -126,6 +131,8 @@ class Colorer:
         except KeyError:
             pass
         decided = self._with_baggage(color, reason, values, trusted)
+        if sum(map(len, values)) > _BAG_CACHED:
+            return decided  # a large value is rarely repeated; kept, it costs its size
         if len(self._bag_cache) >= 4096:
             self._bag_cache.clear()
         self._bag_cache[cache_key] = decided

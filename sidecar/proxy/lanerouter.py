@@ -47,13 +47,22 @@ class LaneRouter:
         answers cannot use up the time of a live one after it; one that refuses hands
         its share on at once. An address that failed is tried after the others for a
         TTL. The lane is empty only when every address failed: ``timeout`` when one
-        of them did not answer, else ``refused``.
+        of them did not answer, else ``refused``. A lookup not answered from the cache
+        has a ``lane_connect`` of its own before that (the addresses' time is counted
+        from its answer, so a slow answer does not leave them too little to connect).
         """
         host, port = choice.host, choice.port
         down = self.cache.known_down(host, port)
         if down is not None:
             raise EmptyLane(host, down)
-        addresses = await self.cache.resolve(host)
+        # A lookup that does not answer within lane_connect makes the lane empty for this
+        # request as a silent host does (``timeout``, not ``unresolved``: the name may well
+        # exist); the lookup is shared and shielded, so it goes on and its answer is cached.
+        try:
+            async with asyncio.timeout(self.timeout):
+                addresses = await self.cache.resolve(host)
+        except TimeoutError:
+            raise EmptyLane(host, TIMEOUT) from None
         several = len(addresses) > 1
         if several:
             known_down = self.cache.known_down

@@ -9,7 +9,9 @@ the SOA minimum of a negative answer) the entry lives ``DEFAULT_TTL`` seconds,
 CoreDNS's TTL for cluster records and its negative cache floor. A lane found empty
 by connecting (refused, timed out) is cached the same way, so a dead lane host is
 not tried by every request either. Lookups of one name at the same time share one
-query.
+query, shielded: a request that stops waiting for it (``LaneRouter.open`` waits at most
+``timeouts.lane_connect``, then counts the lane empty with ``timeout``) leaves it
+running, and its answer is cached for the requests after.
 """
 
 from __future__ import annotations
@@ -108,6 +110,17 @@ class ResolverCache:
             del self._down[(host, port)]
             return None
         return found[0]
+
+    def known_empty(self, host: str, port: int) -> str | None:
+        """Why ``host:port`` has nobody, while a cached answer says so (no lookup, no
+        connection): found down by connecting, or a negative lookup still in its TTL."""
+        down = self.known_down(host, port)
+        if down is not None:
+            return down
+        entry = self._entries.get(host)
+        if entry is not None and entry.reason is not None and entry.expires > self._clock():
+            return entry.reason
+        return None
 
     def names_of(self, lane_host: str) -> list[str]:
         """Names the cache holds for a lane: ``lane_host`` itself and the namespace-qualified

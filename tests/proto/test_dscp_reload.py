@@ -134,3 +134,27 @@ async def test_a_flow_whose_connect_a_reload_overtook_gets_the_new_dscp(
     client.close()
     [flow] = h1_flows(proxy)
     assert ds_field(flow) == 46 << 2
+
+
+async def test_an_http2_connection_whose_connect_a_reload_overtook_gets_the_new_dscp(
+    make_proxy: MakeProxy,
+) -> None:
+    """As above, for an HTTP/2 upstream connection still being made when the reload looks."""
+    new = Colorer(parse_policy(POLICY.replace("dscp: 10", "dscp: 46")), "canary")
+
+    class ReloadingHooks(RecordingHooks):
+        def flow_open(self, color: str, local: tuple, remote: tuple) -> None:
+            super().flow_open(color, local, remote)
+            proxy.ctx.colorer = new
+
+    up = await RawUpstream().start()
+    proxy = await make_proxy(
+        policy=POLICY, color="canary", app=Address("127.0.0.1", up.port), hooks=ReloadingHooks()
+    )
+    client = await RawH2.open(port(proxy, "inbound"))
+    await client.send(frame(HEADERS, END_STREAM | END_HEADERS, 1, hpack(request_fields("app"))))
+    await client.frames_until(lambda fs: any(k == HEADERS and s == 1 for k, _, s, _ in fs))
+    [conn] = proxy._door.h2.pool.open  # type: ignore[union-attr]
+    assert ds_field(conn) == 46 << 2
+    client.close()
+    await up.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from sidecar import baggage
@@ -119,3 +121,23 @@ def test_over_the_limit_is_passed_on_untouched() -> None:
 def test_a_request_without_baggage_gets_the_member_alone() -> None:
     got = colorer().with_baggage("canary", None, (), True)
     assert got == ("canary", None, None, (b"traffic-color=canary",))
+
+
+def test_decisions_of_repeated_small_values_are_remembered_and_large_values_not_kept() -> None:
+    """A peer sending a unique 60 kB baggage value per request (a header may be 64 KiB)
+    must not make the sidecar hold them: 300 of them leave less than 1 MiB behind."""
+    c = colorer()
+    small = [b"traffic-color=canary,userid=42"]
+    assert c.with_baggage("stable", MISSING, small, True) is c.with_baggage(
+        "stable", MISSING, small, True
+    )
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(300):
+            value = b"k%06d=" % i + b"v" * 60_000
+            assert c.with_baggage("stable", MISSING, [value], True)[2] == baggage.MALFORMED
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2**20, f"{held / 2**20:.1f} MiB held after 300 unique 60 kB values"

@@ -295,6 +295,7 @@ class Upstream(Conn):
         self.addrs: tuple[tuple[str, int], tuple[str, int]] | None = None
         self.hooks: Any = None  # the hooks that heard flow_open
         self.lane: Choice | None = None  # the lane this connection is to, if any
+        self.lanes: LaneRouter | None = None  # the router that chose it (reloads swap it)
         self.idle_since = pool.side.loop.time()
 
     def room(self) -> int:

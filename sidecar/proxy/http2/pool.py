@@ -21,13 +21,19 @@ import functools
 import logging
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecar.proxy.context import Key
 from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.connection import Upstream
 from sidecar.proxy.lanes import EmptyLane, LaneTable
-from sidecar.proxy.pool import _call_hook, color_dscp, connect_flow, set_transport_dscp
+from sidecar.proxy.pool import (
+    _call_hook,
+    color_dscp,
+    connect_flow,
+    dscp_changes,
+    set_transport_dscp,
+)
 
 if TYPE_CHECKING:
     from sidecar.proxy.http2.side import H2Side
@@ -54,14 +60,16 @@ class H2Pool:
         conns = self.usable.get(key)
         if conns is None:
             conns = self.usable[key] = []
+        lane = relay.lane
         for conn in conns:
-            if conn.room() > 0:
+            # A connection still being made is either a lane's (its streams fall back
+            # when the lane is empty) or not: a stream joins only one of its own kind.
+            if conn.room() > 0 and (conn.connected or (conn.lane is None) == (lane is None)):
                 conn.take(relay)
                 return
-        lane = relay.lane
         if lane is not None:
             lanes = self.ctx.lanes
-            down = lanes.cache.known_down(lane.host, lane.port) if lanes is not None else None
+            down = lanes.cache.known_empty(lane.host, lane.port) if lanes is not None else None
             if down is not None:  # tried within its TTL: no new attempt
                 if not conns:
                     del self.usable[key]
@@ -69,6 +77,7 @@ class H2Pool:
                 return
         conn = Upstream(self, key)
         conn.lane = lane
+        conn.lanes = self.ctx.lanes if lane is not None else None  # a reload may follow
         conns.append(conn)
         self.open.add(conn)
         conn.take(relay)
@@ -145,7 +154,7 @@ class H2Pool:
     # ------------------------------------------------------------ connecting
 
     async def _connect(self, conn: Upstream) -> None:
-        lanes = self.ctx.lanes
+        lanes = conn.lanes
         try:
             if conn.lane is not None and lanes is not None:
                 await lanes.open(conn.lane, functools.partial(self._lane_connect, conn))
@@ -156,9 +165,12 @@ class H2Pool:
             self._given_up(conn)
             waiting, conn.waiting = conn.waiting, []
             conn.failed(h.UNAVAILABLE)  # nobody waits on it any more
-            for relay in waiting:
-                self._fall_back(relay, exc.reason)
-            self.side.flush()
+            try:
+                for relay in waiting:
+                    if not relay.status:  # else answered meanwhile (its deadline)
+                        self._fall_back(relay, exc.reason)
+            finally:
+                self.side.flush()
         except TimeoutError:
             self._given_up(conn)
             conn.failed(h.TIMEOUT)
@@ -192,7 +204,20 @@ class H2Pool:
         host = address or host
         hooks = self.ctx.hooks
         mark = self.ctx.own_mark
-        dscp = color_dscp(self.ctx.colorer.policy, color)
+        policy = self.ctx.colorer.policy
+        dscp = color_dscp(policy, color)
+        try:
+            await self._dial(conn, host, port, hooks, mark, dscp)
+        finally:
+            if self.ctx.colorer.policy is not policy:  # reloaded meanwhile: see ``set_dscp``
+                changed = dscp_changes(policy, self.ctx.colorer.policy).get(color)
+                if changed is not None:
+                    set_transport_dscp(conn.transport, changed)
+
+    async def _dial(
+        self, conn: Upstream, host: str, port: int, hooks: Any, mark: int, dscp: int | None
+    ) -> None:
+        color = conn.key[0]
         if hooks is None and not mark and dscp is None:
             await self.loop.create_connection(lambda: conn, host, port)
             return

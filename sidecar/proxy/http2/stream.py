@@ -95,7 +95,7 @@ class Relay:
 
     def start(self, up: Upstream) -> None:
         """Open the upstream stream (the connection is ready and has room)."""
-        if self.done:
+        if self.done or self.status:  # closed, or answered by the proxy while waiting
             return
         bodiless = self.req_end and not self.pending and self.req_trailers is None
         q = None if bodiless else new_stream()
