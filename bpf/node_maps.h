@@ -4,8 +4,22 @@
  * are in sc_abi.h, mirrored by sidecar/datapath/abi.py (NODE_MAPS).
  *
  * Sizes are Python's (sidecar/datapath/build.py passes them with -D):
- *   SC_NODE_IFINDEX_SLOTS  entries of sc_node_ifaces, a power of two
+ *   SC_NODE_IFINDEX_SLOTS  entries of sc_node_iftab's value, a power of two
  *   SC_NODE_MAX_IFACES     counter slots of sc_node_stats (slot 0: unattributed)
+ *
+ * Why two of the maps are read in place: every bpf_map_lookup_elem() with a
+ * key computed per packet costs a store and a reload of the key on the stack
+ * and a bounds check, even when the verifier inlines it (on the 6.18 kernel
+ * measured here it inlines both arrays and per-CPU arrays: `bpftool prog dump
+ * xlated` shows no call). An array with a single value can instead be
+ * addressed directly (BPF_PSEUDO_MAP_VALUE, the kernel's "direct value access"
+ * that libbpf uses for global variables): a 64-bit load of the value's address,
+ * no call, no key, no NULL check. BCC creates maps only for its own
+ * BPF_TABLE declarations and has no syntax for this, so the build child creates
+ * those two maps itself and passes their file descriptors with -D:
+ *   SC_NODE_TABLE_FD  sc_node_table, one struct sc_node_table
+ *   SC_NODE_IFTAB_FD  sc_node_iftab, one struct sc_node_iface[SC_NODE_IFINDEX_SLOTS]
+ * The per-CPU counters stay a BCC map, looked up once per colored packet.
  */
 #ifndef SC_NODE_MAPS_H
 #define SC_NODE_MAPS_H
@@ -21,14 +35,26 @@
 #if SC_NODE_IFINDEX_SLOTS & (SC_NODE_IFINDEX_SLOTS - 1)
 #error "SC_NODE_IFINDEX_SLOTS must be a power of two"
 #endif
+#if !defined(SC_NODE_TABLE_FD) || !defined(SC_NODE_IFTAB_FD)
+#error "SC_NODE_TABLE_FD and SC_NODE_IFTAB_FD must be passed with -D by the build child"
+#endif
 
-/* DSCP -> color (mark, priority, restore value), two generations for atomic reloads. */
-BPF_ARRAY(sc_node_colors, struct sc_node_color, SC_DSCP_VALUES * SC_GENERATIONS);
-/* Entry 0: the live generation of sc_node_colors. */
-BPF_ARRAY(sc_node_config, struct sc_config, 1);
-/* ifindex & (SC_NODE_IFINDEX_SLOTS - 1) -> the interface's counter slot. */
-BPF_ARRAY(sc_node_ifaces, struct sc_node_iface, SC_NODE_IFINDEX_SLOTS);
 /* Packets and bytes per (counter slot, color id), per CPU so counting needs no atomics. */
 BPF_PERCPU_ARRAY(sc_node_stats, struct sc_counter, SC_NODE_MAX_IFACES * SC_MAX_COLORS);
+
+/* The address of a single-value array map's value (BPF_PSEUDO_MAP_VALUE, offset 0). */
+#define sc_map_value(fd) ((void *)bpf_pseudo_fd(BPF_PSEUDO_MAP_VALUE, (fd)))
+
+/* The live generation and both generations' DSCP -> color tables. */
+static __always_inline const struct sc_node_table *sc_node_table(void)
+{
+	return sc_map_value(SC_NODE_TABLE_FD);
+}
+
+/* ifindex & (SC_NODE_IFINDEX_SLOTS - 1) -> the interface's counter slot. */
+static __always_inline const struct sc_node_iface *sc_node_iftab(void)
+{
+	return sc_map_value(SC_NODE_IFTAB_FD);
+}
 
 #endif /* SC_NODE_MAPS_H */

@@ -36,7 +36,7 @@
 /* struct sc_flow_value.flags bits (user space only; the classifier ignores them). */
 #define F_FLOW_REPLY (1U << 0) /* this entry is the reverse key of a flow */
 
-/* Node classifier (bpf/node.c): sc_node_colors is indexed by DSCP, 0..63. */
+/* Node classifier (bpf/node.c): struct sc_node_table is indexed by DSCP, 0..63. */
 #define SC_DSCP_VALUES 64
 /* struct sc_node_color.flags bit (F_PRESENT and F_HAS_PRIORITY mean what they mean above). */
 #define F_RESTORE_DSCP (1U << 3) /* rewrite the DS field to restore_dscp once read */
@@ -107,9 +107,8 @@ struct sc_counter {
 };
 
 /*
- * sc_node_colors value, at index generation * SC_DSCP_VALUES + DSCP: what a
- * packet arriving from a pod with that DSCP gets. Generations flip through
- * sc_node_config (a struct sc_config), as sc_colors does through sc_config.
+ * What a packet arriving from a pod with a given DSCP gets: one entry of
+ * struct sc_node_table, per generation.
  */
 struct sc_node_color {
 	__u32 mark;        /* host order; bits to set in skb->mark, within mask */
@@ -122,9 +121,29 @@ struct sc_node_color {
 };
 
 /*
- * sc_node_ifaces value, at index ifindex & (SC_NODE_IFINDEX_SLOTS - 1): the
- * counter slot of the interface with that ifindex. ifindex is checked, so an
- * entry never counts for another interface whose index shares its bits.
+ * The single value of sc_node_table: the live generation and both
+ * generations' DSCP tables, so the classifier reads one value (in place, no
+ * lookup) where the pod's classifier looks up sc_config and sc_colors. Reload
+ * writes the value with the inactive half new and generation unchanged, then
+ * writes it again with only generation flipped: bytes that do not change are
+ * rewritten with themselves, and the classifier reads generation once per
+ * packet and uses only bit 0, so a packet sees the old policy or the new one,
+ * never a mix.
+ */
+struct sc_node_table {
+	__u32 generation; /* host order; 0 or 1 */
+	__u32 reserved;   /* zero */
+	struct sc_node_color colors[SC_GENERATIONS][SC_DSCP_VALUES]; /* [generation][DSCP] */
+};
+
+/*
+ * One entry of sc_node_iftab's single value (an array of
+ * SC_NODE_IFINDEX_SLOTS of them, at ifindex & (SC_NODE_IFINDEX_SLOTS - 1)):
+ * the counter slot of the interface with that ifindex. ifindex is checked, so
+ * an entry never counts for another interface whose index shares its bits.
+ * An entry only ever changes from free to taken or back (never from one
+ * interface to another), so a packet that reads it while it is rewritten sees
+ * its interface's slot or none (slot 0).
  */
 struct sc_node_iface {
 	__u32 ifindex; /* host order; 0: the entry is free */

@@ -45,16 +45,14 @@ PROGS: dict[str, str] = {"ingress": "sc_tc_ingress", "egress": "sc_tc_egress"}
 class NodeMapNames(NamedTuple):
     """The node classifier's maps (bpf/node_maps.h)."""
 
-    colors: str  # DSCP -> color, two generations
-    config: str  # the live generation
-    ifaces: str  # ifindex -> counter slot
+    colors: str  # one NodeTable: the live generation, DSCP -> color for both
+    ifaces: str  # one array of NodeIface: ifindex -> counter slot
     stats: str  # per-CPU counters per (slot, color)
 
 
 NODE_MAPS = NodeMapNames(
-    colors="sc_node_colors",
-    config="sc_node_config",
-    ifaces="sc_node_ifaces",
+    colors="sc_node_table",
+    ifaces="sc_node_iftab",
     stats="sc_node_stats",
 )
 
@@ -167,8 +165,21 @@ class NodeColorEntry(ctypes.Structure):
     ]
 
 
+class NodeTable(ctypes.Structure):
+    """``struct sc_node_table``, sc_node_table's one value: live generation and both tables."""
+
+    _fields_ = [
+        ("generation", ctypes.c_uint32),  # host order; 0 or 1
+        ("reserved", ctypes.c_uint32),  # zero
+        ("colors", NodeColorEntry * SC_DSCP_VALUES * SC_GENERATIONS),  # [generation][DSCP]
+    ]
+
+
 class NodeIface(ctypes.Structure):
-    """``struct sc_node_iface``: an interface's counter slot, found by its ifindex's low bits."""
+    """``struct sc_node_iface``: an interface's counter slot, found by its ifindex's low bits.
+
+    sc_node_iftab's one value is an array of them (``NodeIface * ifindex_slots``).
+    """
 
     _fields_ = [
         ("ifindex", ctypes.c_uint32),  # host order; 0 = free
@@ -210,6 +221,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "sc_config": Config,
     "sc_counter": Counter,
     "sc_node_color": NodeColorEntry,
+    "sc_node_table": NodeTable,
     "sc_node_iface": NodeIface,
     "__sk_buff": SkBuff,
 }
@@ -313,15 +325,6 @@ def color_entry(
     return entry
 
 
-def node_color_slot(generation: int, dscp: int) -> int:
-    """Index of a DSCP's entry in sc_node_colors."""
-    if generation not in (0, 1):
-        raise ValueError(f"generation {generation} is not 0 or 1")
-    if not 0 <= dscp < SC_DSCP_VALUES:
-        raise ValueError(f"dscp {dscp} is not in 0..63")
-    return generation * SC_DSCP_VALUES + dscp
-
-
 def node_stats_slot(slot: int, color_id: int) -> int:
     """Index of an (interface slot, color) counter in sc_node_stats."""
     return slot * SC_MAX_COLORS + color_id
@@ -334,7 +337,7 @@ def node_color_entry(
     priority: int | None = None,
     restore_dscp: int | None = None,
 ) -> NodeColorEntry:
-    """A live sc_node_colors slot; the same checks as ``color_entry``."""
+    """A live entry of a NodeTable; the same checks as ``color_entry``."""
     pod = color_entry(mark, mask, priority, restore_dscp)
     if not 0 < color_id < SC_MAX_COLORS:
         raise ValueError(f"color id {color_id} is not in 1..{SC_MAX_COLORS - 1}")

@@ -21,6 +21,8 @@ BPF_ANY = 0  # create or update
 BPF_NOEXIST = 1  # create only
 BPF_EXIST = 2  # update only
 BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_MAP_TYPE_ARRAY = 2
+BPF_F_RDONLY_PROG = 1 << 7  # programs may read the map, never write it
 
 _c_void_p = ctypes.c_void_p
 _c_int = ctypes.c_int
@@ -47,6 +49,23 @@ class TestRunOpts(ctypes.Structure):
         ("flags", _c_uint32),
         ("cpu", _c_uint32),
         ("batch_size", _c_uint32),
+    ]
+
+
+class MapCreateOpts(ctypes.Structure):
+    """libbpf's ``struct bpf_map_create_opts`` (bpf.h, libbpf >= 1.0)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", _c_uint32),
+        ("btf_key_type_id", _c_uint32),
+        ("btf_value_type_id", _c_uint32),
+        ("btf_vmlinux_value_type_id", _c_uint32),
+        ("inner_map_fd", _c_uint32),
+        ("map_flags", _c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", _c_uint32),
+        ("map_ifindex", _c_uint32),
     ]
 
 
@@ -107,6 +126,17 @@ def _lib() -> ctypes.CDLL:
         "bpf_obj_get_info_by_fd": ([_c_int, _c_void_p, ctypes.POINTER(_c_uint32)], _c_int),
         "bpf_prog_load": (
             [_c_int, ctypes.c_char_p, ctypes.c_char_p, _c_void_p, ctypes.c_size_t, _c_void_p],
+            _c_int,
+        ),
+        "bpf_map_create": (
+            [
+                _c_int,
+                ctypes.c_char_p,
+                _c_uint32,
+                _c_uint32,
+                _c_uint32,
+                ctypes.POINTER(MapCreateOpts),
+            ],
             _c_int,
         ),
         "libbpf_num_possible_cpus": ([], _c_int),
@@ -185,6 +215,19 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> int:
         "bpf_map_update_batch",
     )
     return n.value
+
+
+def single_value_map(name: str, value_size: int) -> int:
+    """Create an array map of one ``value_size``-byte value that programs only read; its fd.
+
+    For values a program addresses in place (BPF_PSEUDO_MAP_VALUE needs an
+    array with exactly one entry); user space reads and writes the value as
+    key 0. BCC creates only the maps it declares, so its build child makes
+    these (bpf/node_maps.h says why).
+    """
+    opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts), map_flags=BPF_F_RDONLY_PROG)
+    fd = _lib().bpf_map_create(BPF_MAP_TYPE_ARRAY, name.encode(), 4, value_size, 1, opts)
+    return _check(fd, f"bpf_map_create({name})")
 
 
 def map_info(fd: int) -> MapInfo:

@@ -95,10 +95,21 @@ def build_node_classifier(
     ``max_interfaces`` the counters (slot 0 counts interfaces without a slot).
     """
     args = ["--ifindex-slots", str(ifindex_slots), "--max-interfaces", str(max_interfaces)]
-    return _build(NODE, args, 0, timeout)
+    return _build(NODE, args, 0, timeout, node_defines(ifindex_slots, max_interfaces))
 
 
-def _build(program: Program, args: list[str], size: int, timeout: float) -> Classifier:
+def node_defines(ifindex_slots: int, max_interfaces: int) -> dict[str, int]:
+    """The -D sizes of bpf/node_maps.h (Python owns map sizes)."""
+    return {"SC_NODE_IFINDEX_SLOTS": ifindex_slots, "SC_NODE_MAX_IFACES": max_interfaces}
+
+
+def _build(
+    program: Program,
+    args: list[str],
+    size: int,
+    timeout: float,
+    defines: dict[str, int] | None = None,
+) -> Classifier:
     deadline = time.monotonic() + timeout
     started = time.monotonic()
     with tempfile.TemporaryFile() as errfile:
@@ -128,7 +139,7 @@ def _build(program: Program, args: list[str], size: int, timeout: float) -> Clas
         errfile.seek(0)
         stderr = errfile.read().decode(errors="replace")
     try:
-        classifier = _accept(program, msg, fds, rc, stderr, size)
+        classifier = _accept(program, msg, fds, rc, stderr, size, defines or {})
     except BaseException:
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -149,7 +160,13 @@ def tail_lines(text: str, lines: int = 15) -> str:
 
 
 def _accept(
-    program: Program, msg: bytes, fds: list[int], rc: int, stderr: str, size: int
+    program: Program,
+    msg: bytes,
+    fds: list[int],
+    rc: int,
+    stderr: str,
+    size: int,
+    defines: dict[str, int],
 ) -> Classifier:
     """Check the child's message and turn it into a Classifier (or raise)."""
     if not msg:
@@ -168,7 +185,7 @@ def _accept(
             f"the build sent {sorted(progs)} / {sorted(maps)}, "
             f"expected {sorted(program.progs)} / {sorted(program.sizes)}",
         )
-    _check_layout(program, maps)
+    _check_layout(program, maps, defines)
     return Classifier(
         progs=progs,
         maps=maps,
@@ -196,6 +213,20 @@ class Program:
     progs: dict[str, str]  # hook -> entry point
     # map name -> (key type or None for a u32 index, value type; a per-CPU value is one CPU's)
     sizes: dict[str, tuple[type | None, type]]
+    # Maps the build child creates itself as single-value arrays the program reads in
+    # place (bpf/node_maps.h), their fd passed as -D<NAME>_FD: map name -> the -D size
+    # that counts the value types making up the one value, or None for exactly one.
+    direct: dict[str, str | None] = field(default_factory=dict)
+
+    def value_size(self, name: str, defines: dict[str, int]) -> int:
+        """Bytes of one value of map ``name`` when built with ``defines``."""
+        count = self.direct.get(name)
+        return ctypes.sizeof(self.sizes[name][1]) * (defines[count] if count else 1)
+
+    @staticmethod
+    def fd_define(name: str) -> str:
+        """The -D name that carries a direct map's fd into the C source."""
+        return f"{name.upper()}_FD"
 
 
 POD = Program(
@@ -215,21 +246,21 @@ NODE = Program(
     "node.c",
     abi.NODE_PROGS,
     {
-        abi.NODE_MAPS.colors: (None, abi.NodeColorEntry),
-        abi.NODE_MAPS.config: (None, abi.Config),
+        abi.NODE_MAPS.colors: (None, abi.NodeTable),
         abi.NODE_MAPS.ifaces: (None, abi.NodeIface),
         abi.NODE_MAPS.stats: (None, abi.Counter),
     },
+    direct={abi.NODE_MAPS.colors: None, abi.NODE_MAPS.ifaces: "SC_NODE_IFINDEX_SLOTS"},
 )
 PROGRAMS = {p.name: p for p in (POD, NODE)}
 
 
-def _check_layout(program: Program, maps: dict[str, int]) -> None:
+def _check_layout(program: Program, maps: dict[str, int], defines: dict[str, int]) -> None:
     """The kernel's view of each map must match abi.py, or we would write garbage."""
-    for name, (key_t, value_t) in program.sizes.items():
+    for name, (key_t, _) in program.sizes.items():
         info = bpfsys.map_info(maps[name])
         want_key = ctypes.sizeof(key_t) if key_t is not None else 4
-        want_value = ctypes.sizeof(value_t)
+        want_value = program.value_size(name, defines)
         if (info.key_size, info.value_size) != (want_key, want_value):
             raise DatapathError(
                 "compile",

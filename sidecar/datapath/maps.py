@@ -12,11 +12,9 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from sidecar.datapath import abi, bpfsys
-
-E = TypeVar("E", abi.ColorEntry, abi.NodeColorEntry)
 
 if TYPE_CHECKING:
     from sidecar.datapath.build import Classifier
@@ -145,7 +143,7 @@ class ColorTable:
         """The live generation's present colors, by id (for status and tests)."""
         gen = self.generation()
         slots = {cid: abi.color_slot(gen, cid) for cid in range(1, abi.SC_MAX_COLORS)}
-        return present_entries(self.colors_fd, slots, abi.ColorEntry)
+        return present_entries(self.colors_fd, slots)
 
 
 class Counters:
@@ -176,27 +174,54 @@ class Counters:
 # ------------------------------------------------------------------ the node classifier
 
 
-class NodeColorTable(ColorTable):
-    """sc_node_colors: DSCP -> color, double-buffered as the pod's color table."""
+class NodeColorTable:
+    """sc_node_table: DSCP -> color, both generations and the live one in a single value.
 
-    def apply(  # type: ignore[override]
+    The classifier reads that value in place (bpf/node_maps.h), so a reload is
+    two writes of it: the inactive half new with the generation unchanged, then
+    the same bytes with only the generation flipped. Bytes that do not change
+    are rewritten with themselves, so a packet read during either write sees
+    the old policy or the new one, never a mix.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def _table(self) -> abi.NodeTable:
+        raw = bpfsys.map_lookup(self.fd, ctypes.c_uint32(0), ctypes.sizeof(abi.NodeTable))
+        return abi.NodeTable.from_buffer_copy(raw) if raw else abi.NodeTable()
+
+    def generation(self) -> int:
+        """The live generation (0 or 1)."""
+        return self._table().generation & 1
+
+    def apply(
         self, colors: Iterable[Color], mark_mask: int, restore_dscp: int | None = None
     ) -> None:
-        """Make the colors that have a DSCP the live table in one step (see ColorTable.apply).
+        """Make the colors that have a DSCP the live table in one step, as the classifier sees it.
 
         Colors without a DSCP cannot be read on the node and get no entry.
+        Invalid input raises ValueError before anything is written.
         """
-        entries: dict[int, ctypes.Structure] = {}
+        entries: dict[int, abi.NodeColorEntry] = {}
         for c in colors:
             if c.dscp is None:
                 continue
-            abi.node_color_slot(0, c.dscp)  # validates the range
+            if not 0 <= c.dscp < abi.SC_DSCP_VALUES:
+                raise ValueError(f"dscp {c.dscp} is not in 0..{abi.SC_DSCP_VALUES - 1}")
             if c.dscp in entries:
                 raise ValueError(f"dscp {c.dscp} is given to two colors")
             entries[c.dscp] = abi.node_color_entry(
                 c.id, c.mark, mark_mask, c.priority, restore_dscp
             )
-        target = self._flip(entries, abi.SC_DSCP_VALUES, abi.NodeColorEntry)
+        table = self._table()
+        target = 1 - (table.generation & 1)
+        half = table.colors[target]
+        for dscp in range(abi.SC_DSCP_VALUES):
+            half[dscp] = entries.get(dscp) or abi.NodeColorEntry()
+        bpfsys.map_update(self.fd, ctypes.c_uint32(0), table)
+        table.generation = target
+        bpfsys.map_update(self.fd, ctypes.c_uint32(0), table)
         log.info(
             "node color table: generation %d live with %d DSCP values, mark mask %#x",
             target,
@@ -204,39 +229,67 @@ class NodeColorTable(ColorTable):
             mark_mask,
         )
 
-    def read(self) -> dict[int, abi.NodeColorEntry]:  # type: ignore[override]
+    def read(self) -> dict[int, abi.NodeColorEntry]:
         """The live generation's present entries, by DSCP."""
-        gen = self.generation()
-        slots = {dscp: abi.node_color_slot(gen, dscp) for dscp in range(abi.SC_DSCP_VALUES)}
-        return present_entries(self.colors_fd, slots, abi.NodeColorEntry)
+        table = self._table()
+        live = table.colors[table.generation & 1]
+        return {dscp: e for dscp, e in enumerate(live) if e.flags & abi.F_PRESENT}
 
 
 class NodeCounters:
-    """sc_node_ifaces and sc_node_stats: which interface counts in which slot, and the counts."""
+    """sc_node_iftab and sc_node_stats: which interface counts in which slot, and the counts.
+
+    sc_node_iftab is one value (an array of NodeIface the classifier reads in
+    place), so each change rewrites it whole. An entry only goes from free to
+    taken or back, never from one (ifindex, slot) straight to another: a packet
+    read during the write sees its interface's slot or none.
+    """
 
     def __init__(self, ifaces_fd: int, stats_fd: int, ifindex_slots: int) -> None:
         self.ifaces_fd = ifaces_fd
         self.stats_fd = stats_fd
         self.ifindex_slots = ifindex_slots
         self._ncpu = bpfsys.num_possible_cpus()
+        self._table_t = abi.NodeIface * ifindex_slots
+
+    def _table(self) -> ctypes.Array:
+        raw = bpfsys.map_lookup(self.ifaces_fd, ctypes.c_uint32(0), ctypes.sizeof(self._table_t))
+        return self._table_t.from_buffer_copy(raw) if raw else self._table_t()
+
+    def _write(self, table: ctypes.Array) -> None:
+        bpfsys.map_update(self.ifaces_fd, ctypes.c_uint32(0), table)
 
     def owner(self, ifindex: int) -> int:
         """The ifindex whose entry holds the index ``ifindex`` hashes to (0: free)."""
-        raw = bpfsys.map_lookup(self.ifaces_fd, self._index(ifindex), ctypes.sizeof(abi.NodeIface))
-        return abi.NodeIface.from_buffer_copy(raw).ifindex if raw else 0
+        return self._table()[self._index(ifindex)].ifindex
 
-    def assign(self, ifindex: int, slot: int) -> None:
-        """Count ``ifindex`` in ``slot`` from now on, starting from zero."""
+    def zero(self, slot: int) -> None:
+        """Set every counter of ``slot`` to zero."""
         zero = (abi.Counter * self._ncpu)()
         for cid in range(1, abi.SC_MAX_COLORS):
             index = ctypes.c_uint32(abi.node_stats_slot(slot, cid))
             bpfsys.map_update(self.stats_fd, index, zero)
-        bpfsys.map_update(self.ifaces_fd, self._index(ifindex), abi.NodeIface(ifindex, slot))
+
+    def assign(self, ifindex: int, slot: int) -> None:
+        """Count ``ifindex`` in ``slot`` from now on, starting from zero."""
+        self.zero(slot)
+        table = self._table()
+        entry = table[self._index(ifindex)]
+        if (entry.ifindex, entry.slot) == (ifindex, slot):
+            return
+        if entry.ifindex:
+            entry.ifindex, entry.slot = 0, 0
+            self._write(table)
+        entry.ifindex, entry.slot = ifindex, slot
+        self._write(table)
 
     def release(self, ifindex: int) -> None:
         """Free the entry of ``ifindex`` (if it still holds it)."""
-        if self.owner(ifindex) == ifindex:
-            bpfsys.map_update(self.ifaces_fd, self._index(ifindex), abi.NodeIface())
+        table = self._table()
+        entry = table[self._index(ifindex)]
+        if entry.ifindex == ifindex and ifindex:
+            entry.ifindex, entry.slot = 0, 0
+            self._write(table)
 
     def read(self, slots: Iterable[int]) -> dict[tuple[int, int], tuple[int, int]]:
         """(slot, color id) -> (packets, bytes) summed over CPUs, for ``slots``; zeros absent."""
@@ -255,21 +308,21 @@ class NodeCounters:
                     out[(slot, cid)] = (packets, sum(v.bytes for v in values))
         return out
 
-    def _index(self, ifindex: int) -> ctypes.c_uint32:
-        return ctypes.c_uint32(ifindex & (self.ifindex_slots - 1))
+    def _index(self, ifindex: int) -> int:
+        return ifindex & (self.ifindex_slots - 1)
 
 
-def present_entries(fd: int, slots: dict[int, int], entry_type: type[E]) -> dict[int, E]:
+def present_entries(fd: int, slots: dict[int, int]) -> dict[int, abi.ColorEntry]:
     """The entries of an array map of color entries that carry ``F_PRESENT``, by key.
 
-    ``slots``: key -> array index (the pod's color ids and the node's DSCP values both
-    sit in two generations of one array, so the live one is chosen by the caller).
+    ``slots``: key -> array index (color ids sit in two generations of one array,
+    so the live one is chosen by the caller).
     """
-    out: dict[int, E] = {}
+    out: dict[int, abi.ColorEntry] = {}
     for key, slot in slots.items():
-        raw = bpfsys.map_lookup(fd, ctypes.c_uint32(slot), ctypes.sizeof(entry_type))
+        raw = bpfsys.map_lookup(fd, ctypes.c_uint32(slot), ctypes.sizeof(abi.ColorEntry))
         if raw is not None:
-            entry = entry_type.from_buffer_copy(raw)
+            entry = abi.ColorEntry.from_buffer_copy(raw)
             if entry.flags & abi.F_PRESENT:
                 out[key] = entry
     return out

@@ -37,7 +37,7 @@ from sidecar.policy import AttachPoint, Policy
 
 log = logging.getLogger(__name__)
 
-IFINDEX_SLOTS = 65536  # sc_node_ifaces entries: a power of two, 512 KiB
+IFINDEX_SLOTS = 65536  # sc_node_iftab entries: a power of two, 512 KiB
 MAX_INTERFACES = 256  # counter slots (slot 0 counts interfaces that have none)
 UNATTRIBUTED = "other"  # the interface label of slot 0
 
@@ -102,7 +102,7 @@ class NodeDatapath:
                 self._net = NetlinkSession(self._qdisc)
                 self._clf = build_node_classifier(*self._sizes)
                 m = abi.NODE_MAPS
-                self._colors = NodeColorTable(self._clf.maps[m.colors], self._clf.maps[m.config])
+                self._colors = NodeColorTable(self._clf.maps[m.colors])
                 self._counters = NodeCounters(
                     self._clf.maps[m.ifaces], self._clf.maps[m.stats], self._sizes[0]
                 )
@@ -401,10 +401,10 @@ class NodeDatapath:
         for key, (pkts, byts) in self._live().items():
             was = self._base.get(key, (0, 0))
             self._base[key] = (was[0] + pkts, was[1] + byts)
-        for ifindex, (_, _, slot) in self._attached.items():
+        for _, _, slot in self._attached.values():
             if slot:
-                self._counters.assign(ifindex, slot)
-        self._counters.assign(0, 0)  # slot 0 (and the free entry of ifindex 0)
+                self._counters.zero(slot)
+        self._counters.zero(0)
 
 
 def _ids(policy: Policy) -> dict[int, str]:

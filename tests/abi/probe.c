@@ -66,6 +66,11 @@ int main(void)
 	FIELD(sc_node_color, restore_dscp);
 	FIELD(sc_node_color, pad);
 
+	SIZE(sc_node_table);
+	FIELD(sc_node_table, generation);
+	FIELD(sc_node_table, reserved);
+	FIELD(sc_node_table, colors);
+
 	SIZE(sc_node_iface);
 	FIELD(sc_node_iface, ifindex);
 	FIELD(sc_node_iface, slot);

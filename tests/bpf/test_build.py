@@ -12,8 +12,9 @@ import textwrap
 import pytest
 
 from sidecar.datapath import abi, bpfsys
-from sidecar.datapath.build import build_classifier
+from sidecar.datapath.build import build_classifier, build_node_classifier
 from sidecar.errors import DatapathError
+from tests.bpf import packets as pk
 from tests.conftest import require_root
 
 pytestmark = pytest.mark.root
@@ -110,3 +111,35 @@ def test_timeout_kills_the_child():
     require_root()
     with pytest.raises(DatapathError, match="did not answer within"):
         build_classifier(1024, timeout=0.05)
+
+
+def test_node_tables_are_single_values_the_program_only_reads():
+    """bpf/node_maps.h: the color and interface tables are one value each, read in place."""
+    require_root()
+    slots = 1024
+    with build_node_classifier(slots, 8) as clf:
+        info = {name: bpfsys.map_info(fd) for name, fd in clf.maps.items()}
+        run = bpfsys.prog_test_run(
+            clf.progs["ingress"], pk.tcp4(("198.18.0.1", 1), ("198.19.0.1", 2))
+        )
+    m = abi.NODE_MAPS
+    assert {n: (i.type, i.max_entries, i.value_size) for n, i in info.items()} == {
+        m.colors: (BPF_MAP_TYPE_ARRAY, 1, ctypes.sizeof(abi.NodeTable)),
+        m.ifaces: (BPF_MAP_TYPE_ARRAY, 1, ctypes.sizeof(abi.NodeIface) * slots),
+        m.stats: (BPF_MAP_TYPE_PERCPU_ARRAY, 8 * abi.SC_MAX_COLORS, ctypes.sizeof(abi.Counter)),
+    }
+    for name in (m.colors, m.ifaces):
+        assert info[name].name.decode() == name
+        assert info[name].map_flags & bpfsys.BPF_F_RDONLY_PROG, f"{name} is writable by programs"
+    assert run.retval == abi.VERDICT_RETVAL
+
+
+def test_node_table_the_kernel_refuses_is_named_with_the_sizes():
+    """A table the kernel will not create (here: no interface entries) is named, with the sizes."""
+    require_root()
+    with pytest.raises(DatapathError) as info:
+        build_node_classifier(0, 8)
+    err = info.value
+    assert err.step == "compile"
+    assert f"refused to create map {abi.NODE_MAPS.ifaces}" in str(err)
+    assert "ifindex_slots=0, max_interfaces=8" in err.hint

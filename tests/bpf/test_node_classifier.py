@@ -51,7 +51,7 @@ def loaded() -> Iterator[Loaded]:
         m = abi.NODE_MAPS
         state = Loaded(
             clf,
-            NodeColorTable(clf.maps[m.colors], clf.maps[m.config]),
+            NodeColorTable(clf.maps[m.colors]),
             NodeCounters(clf.maps[m.ifaces], clf.maps[m.stats], SLOTS),
         )
         state.colors.apply(POLICY, MASK)

@@ -5,7 +5,8 @@
 clang, hundreds of MB of RSS), compiles ``bpf/classifier.c`` (a pod's) or
 ``bpf/node.c`` (the node agent's) with the sizes Python owns
 (``-DSC_FLOW_MAP_SIZE``; ``-DSC_NODE_IFINDEX_SLOTS``, ``-DSC_NODE_MAX_IFACES``),
-loads its entry points as SCHED_CLS and sends the program and map fds back
+first creating the maps the program reads in place (``Program.direct``, passed
+as ``-D<NAME>_FD``), loads its entry points as SCHED_CLS and sends the program and map fds back
 over the inherited Unix socket (SCM_RIGHTS) with a JSON message naming each
 fd. When it cannot, it sends the error envelope of ``spawn`` with what is
 missing and how to fix it, and exits non-zero. BCC's memory dies with it.
@@ -24,8 +25,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sidecar.datapath import spawn
-from sidecar.datapath.build import PROGRAMS, Program, flow_map_entries, source_dir, tail_lines
+from sidecar.datapath import bpfsys, spawn
+from sidecar.datapath.build import (
+    PROGRAMS,
+    Program,
+    flow_map_entries,
+    node_defines,
+    source_dir,
+    tail_lines,
+)
 from sidecar.errors import DatapathError
 
 _DIST_PACKAGES = "/usr/lib/python3/dist-packages"  # Debian's python3-bpfcc
@@ -143,8 +151,25 @@ def _import_bcc():
     return bcc
 
 
+def _direct_maps(program: Program, defines: dict[str, int], what: str) -> dict[str, int]:
+    """Create the maps the program reads in place (``Program.direct``): name -> fd."""
+    fds: dict[str, int] = {}
+    for name in program.direct:
+        try:
+            fds[name] = bpfsys.single_value_map(name, program.value_size(name, defines))
+        except OSError as exc:
+            for fd in fds.values():
+                os.close(fd)
+            raise _failure(
+                f"the kernel refused to create map {name}: {exc.strerror}",
+                f"check {what} and the memory available to the process",
+                exc.errno,
+            ) from None
+    return fds
+
+
 def _compile(program: Program, defines: dict[str, int], what: str):
-    """Return (BPF object, {hook: fn}, {map: table}) or raise DatapathError("compile").
+    """Return (BPF object, {hook: fn}, {map: fd}) or raise DatapathError("compile").
 
     ``defines`` are the sizes Python owns (-D), ``what`` names them for people.
     """
@@ -161,6 +186,8 @@ def _compile(program: Program, defines: dict[str, int], what: str):
         raise _failure(
             str(exc), "the package must ship bpf/*.c and *.h as sidecar.bpf (pyproject)"
         ) from None
+    direct = _direct_maps(program, defines, what)
+    defines = {**defines, **{program.fd_define(name): fd for name, fd in direct.items()}}
     cflags = [f"-I{src}", *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
     with _captured_stderr() as err:
         try:
@@ -169,12 +196,17 @@ def _compile(program: Program, defines: dict[str, int], what: str):
                 hook: bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS)
                 for hook, name in program.progs.items()
             }
-            tables = {name: bpf.get_table(name) for name in program.sizes}
+            maps = {
+                name: direct[name] if name in direct else bpf.get_table(name).map_fd
+                for name in program.sizes
+            }
             failure = None
         except Exception as exc:  # BCC raises bare Exception for every failure
             failure = exc
     if failure is None:
-        return bpf, fns, tables
+        return bpf, fns, maps
+    for fd in direct.values():
+        os.close(fd)
     detail = tail_lines(err[0] if err else "", 20)
     if "Operation not permitted" in detail or "super-user" in str(failure):
         raise _failure(
@@ -202,7 +234,7 @@ def _compile(program: Program, defines: dict[str, int], what: str):
 def _child(program: Program, defines: dict[str, int], what: str, sock_fd: int) -> int:
     sock = socket.socket(fileno=sock_fd)
     try:
-        bpf, fns, tables = _compile(program, defines, what)
+        bpf, fns, maps = _compile(program, defines, what)
     except DatapathError as exc:
         sock.send(json.dumps(spawn.error_to_json(exc)).encode())
         return 1
@@ -214,9 +246,9 @@ def _child(program: Program, defines: dict[str, int], what: str, sock_fd: int) -
         info = _fdinfo(fn.fd)
         payload["prog_tags"][hook] = info.get("prog_tag", "")
         payload["prog_ids"][hook] = int(info.get("prog_id", "0"))
-    for name, table in tables.items():
+    for name, map_fd in maps.items():
         payload["maps"][name] = len(fds)
-        fds.append(table.map_fd)
+        fds.append(map_fd)
     socket.send_fds(sock, [json.dumps(payload).encode()], fds)
     sock.close()
     del bpf  # BCC closes its fds at exit; the parent's copies keep the objects alive
@@ -227,17 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--program", choices=sorted(PROGRAMS), default="pod")
     parser.add_argument("--flow-table-size", type=int, help="pod: flows in the flow maps")
-    parser.add_argument("--ifindex-slots", type=int, help="node: entries of sc_node_ifaces")
+    parser.add_argument("--ifindex-slots", type=int, help="node: entries of sc_node_iftab")
     parser.add_argument("--max-interfaces", type=int, help="node: counter slots")
     parser.add_argument(
         "--sock-fd", type=int, required=True, help="Unix SEQPACKET socket inherited from the parent"
     )
     args = parser.parse_args(argv)
     if args.program == "node":
-        defines = {
-            "SC_NODE_IFINDEX_SLOTS": args.ifindex_slots,
-            "SC_NODE_MAX_IFACES": args.max_interfaces,
-        }
+        defines = node_defines(args.ifindex_slots, args.max_interfaces)
         what = f"ifindex_slots={args.ifindex_slots}, max_interfaces={args.max_interfaces}"
     else:
         defines = {"SC_FLOW_MAP_SIZE": flow_map_entries(args.flow_table_size)}
