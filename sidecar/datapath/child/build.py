@@ -160,10 +160,11 @@ def _direct_maps(program: Program, defines: dict[str, int], what: str) -> dict[s
         except OSError as exc:
             for fd in fds.values():
                 os.close(fd)
+            hint = f"check {what} and the memory available to the process"
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                hint = refused_hint(_capabilities(), _status("Seccomp"))
             raise _failure(
-                f"the kernel refused to create map {name}: {exc.strerror}",
-                f"check {what} and the memory available to the process",
-                exc.errno,
+                f"the kernel refused to create map {name}: {exc.strerror}", hint, exc.errno
             ) from None
     return fds
 
