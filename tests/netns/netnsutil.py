@@ -116,6 +116,19 @@ def ns_socket(
     return pr_netns.create_socket(netns, family, kind, flags=0)
 
 
+def ns_http_get(netns: str, port: int, path: str) -> tuple[int, str]:
+    """GET ``path`` from 127.0.0.1:``port`` inside ``netns`` (an admin port): status, body."""
+    with ns_socket(netns) as s:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
 class NameServer:
     """Answers every line it receives with its own ``name``, in a namespace.
 

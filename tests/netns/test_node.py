@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.netnsutil import Lab, ip, ns_socket, servers, sysctl, tc
+from tests.netns.netnsutil import Lab, ip, ns_http_get, ns_socket, servers, sysctl, tc
 
 pytestmark = pytest.mark.root
 
@@ -158,15 +158,7 @@ class Agent:
 
     def get(self, path: str) -> tuple[int, str]:
         """GET the admin port from inside the node namespace."""
-        with ns_socket(self.topo.node) as s:
-            s.settimeout(5)
-            s.connect(("127.0.0.1", ADMIN))
-            s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        return int(head.split()[1]), body.decode()
+        return ns_http_get(self.topo.node, ADMIN, path)
 
     def status(self) -> dict:
         return json.loads(self.get("/status")[1])

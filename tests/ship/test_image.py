@@ -284,17 +284,9 @@ def _runtime_default_seccomp(path: Path) -> Path:
 
 
 def _in_netns_http(netns: str, port: int, path: str) -> tuple[int, str]:
-    from tests.netns.netnsutil import ns_socket
+    from tests.netns.netnsutil import ns_http_get
 
-    with ns_socket(netns) as s:
-        s.settimeout(5)
-        s.connect(("127.0.0.1", port))
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: node\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
+    return ns_http_get(netns, port, path)
 
 
 def _ours_in(netns: str) -> list[str]:
