@@ -16,6 +16,7 @@ from sidecar.policy import Address, Timeouts
 from sidecar.proxy.context import ProxyContext
 from sidecar.proxy.http1.downstream import Shared, access_log
 from sidecar.proxy.listener import Door, FrontDoor
+from sidecar.proxy.settle import stop_sweeper_and_settle
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +169,8 @@ class Proxy:
             if conn.transport is not None:
                 conn.transport.abort()
         shared.pool.close_all()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        # Let connection_lost callbacks (flow_close hooks) run before returning.
-        for _ in range(50):
-            if not shared.pool.open and not shared.conns:
-                break
-            await asyncio.sleep(0.01)
+        sweeper, self._sweeper = self._sweeper, None
+        await stop_sweeper_and_settle(sweeper, lambda: not shared.pool.open and not shared.conns)
         if h2_drain is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(h2_drain, 1.0)

@@ -9,7 +9,6 @@ connections and upstreams that do not answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from time import perf_counter
@@ -20,6 +19,7 @@ from sidecar.proxy.http2 import headers as h
 from sidecar.proxy.http2.binding import CANCEL
 from sidecar.proxy.http2.connection import Conn, Downstream
 from sidecar.proxy.http2.pool import H2Pool
+from sidecar.proxy.settle import stop_sweeper_and_settle
 
 if TYPE_CHECKING:
     from sidecar.policy import Timeouts
@@ -88,15 +88,8 @@ class H2Side:
             if down.transport is not None:
                 down.transport.abort()
         self.pool.close_all()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        for _ in range(50):
-            if not self.pool.open:
-                break
-            await asyncio.sleep(0.01)
+        sweeper, self._sweeper = self._sweeper, None
+        await stop_sweeper_and_settle(sweeper, lambda: not self.pool.open)
 
     async def _sweep(self) -> None:
         from sidecar.proxy.server import sweep_interval
