@@ -108,20 +108,24 @@ struct sc_counter {
 
 /*
  * What a packet arriving from a pod with a given DSCP gets: one entry of
- * struct sc_node_table, per generation.
+ * struct sc_node_table, per generation. 32 bytes, a power of two, so the
+ * classifier finds an entry with a shift, not a multiply. User space stores
+ * the mark already within the mask and the mask inverted (keep), so the
+ * classifier applies it as (skb->mark & keep) | mark: two operations, no
+ * negation or masking of its own.
  */
 struct sc_node_color {
-	__u32 mark;        /* host order; bits to set in skb->mark, within mask */
-	__u32 mask;        /* host order; bits of skb->mark owned by traffic-color */
+	__u32 mark;        /* host order; bits to set in skb->mark, within ~keep */
+	__u32 keep;        /* host order; ~mark mask: the bits of skb->mark that stay */
 	__u32 priority;    /* host order; skb->priority, used when F_HAS_PRIORITY */
 	__u32 flags;       /* host order; F_PRESENT, F_HAS_PRIORITY, F_RESTORE_DSCP */
 	__u32 color_id;    /* host order; 1..SC_MAX_COLORS-1, the counter's column */
 	__u8 restore_dscp; /* 0..63, written back when F_RESTORE_DSCP */
-	__u8 pad[3];       /* zero */
+	__u8 pad[11];      /* zero */
 };
 
 /*
- * The single value of sc_node_table: the live generation and both
+ * The single value of sc_node_dscptab: the live generation and both
  * generations' DSCP tables, so the classifier reads one value (in place, no
  * lookup) where the pod's classifier looks up sc_config and sc_colors. Reload
  * writes the value with the inactive half new and generation unchanged, then
@@ -150,6 +154,14 @@ struct sc_node_iface {
 	__u32 slot;    /* host order; 1..SC_NODE_MAX_IFACES-1 (0: unattributed) */
 };
 
-/* sc_node_stats (per CPU) holds struct sc_counter at index slot * SC_MAX_COLORS + color id. */
+/*
+ * sc_node_counts value (per CPU), at index counter slot: that slot's counters
+ * by color id. One row per slot, so the classifier looks up its interface's
+ * row by the slot it already has and indexes the color in it (no key to
+ * compute), and user space reads a slot with one lookup, not one per color.
+ */
+struct sc_node_counters {
+	struct sc_counter colors[SC_MAX_COLORS]; /* [color id]; 0 is never counted */
+};
 
 #endif /* SC_ABI_H */

@@ -47,13 +47,13 @@ class NodeMapNames(NamedTuple):
 
     colors: str  # one NodeTable: the live generation, DSCP -> color for both
     ifaces: str  # one array of NodeIface: ifindex -> counter slot
-    stats: str  # per-CPU counters per (slot, color)
+    stats: str  # per-CPU NodeSlotCounters per slot: its counters by color
 
 
 NODE_MAPS = NodeMapNames(
-    colors="sc_node_table",
+    colors="sc_node_dscptab",
     ifaces="sc_node_iftab",
-    stats="sc_node_stats",
+    stats="sc_node_counts",
 )
 
 # hook name -> entry point in bpf/node.c
@@ -152,21 +152,24 @@ class Counter(ctypes.Structure):
 
 
 class NodeColorEntry(ctypes.Structure):
-    """``struct sc_node_color``: what a DSCP means on the node, one slot per generation."""
+    """``struct sc_node_color``: what a DSCP means on the node, one slot per generation.
+
+    32 bytes; the mark mask is stored inverted (``keep``), the mark within it.
+    """
 
     _fields_ = [
-        ("mark", ctypes.c_uint32),  # host order; within mask
-        ("mask", ctypes.c_uint32),  # host order
+        ("mark", ctypes.c_uint32),  # host order; within ~keep
+        ("keep", ctypes.c_uint32),  # host order; ~mark mask
         ("priority", ctypes.c_uint32),  # host order
         ("flags", ctypes.c_uint32),  # host order; F_PRESENT, F_HAS_PRIORITY, F_RESTORE_DSCP
         ("color_id", ctypes.c_uint32),  # host order
         ("restore_dscp", ctypes.c_uint8),  # 0..63
-        ("pad", ctypes.c_uint8 * 3),  # zero
+        ("pad", ctypes.c_uint8 * 11),  # zero
     ]
 
 
 class NodeTable(ctypes.Structure):
-    """``struct sc_node_table``, sc_node_table's one value: live generation and both tables."""
+    """``struct sc_node_table``, sc_node_dscptab's one value: live generation and both tables."""
 
     _fields_ = [
         ("generation", ctypes.c_uint32),  # host order; 0 or 1
@@ -184,6 +187,14 @@ class NodeIface(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),  # host order; 0 = free
         ("slot", ctypes.c_uint32),  # host order
+    ]
+
+
+class NodeSlotCounters(ctypes.Structure):
+    """``struct sc_node_counters``: one CPU's value of sc_node_counts, a slot's counters."""
+
+    _fields_ = [
+        ("colors", Counter * SC_MAX_COLORS),  # [color id]; 0 is never counted
     ]
 
 
@@ -223,6 +234,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "sc_node_color": NodeColorEntry,
     "sc_node_table": NodeTable,
     "sc_node_iface": NodeIface,
+    "sc_node_counters": NodeSlotCounters,
     "__sk_buff": SkBuff,
 }
 
@@ -325,11 +337,6 @@ def color_entry(
     return entry
 
 
-def node_stats_slot(slot: int, color_id: int) -> int:
-    """Index of an (interface slot, color) counter in sc_node_stats."""
-    return slot * SC_MAX_COLORS + color_id
-
-
 def node_color_entry(
     color_id: int,
     mark: int,
@@ -342,7 +349,11 @@ def node_color_entry(
     if not 0 < color_id < SC_MAX_COLORS:
         raise ValueError(f"color id {color_id} is not in 1..{SC_MAX_COLORS - 1}")
     entry = NodeColorEntry(
-        mark=mark, mask=mask, priority=pod.priority, color_id=color_id, restore_dscp=pod.dscp
+        mark=mark,
+        keep=~mask & 0xFFFFFFFF,
+        priority=pod.priority,
+        color_id=color_id,
+        restore_dscp=pod.dscp,
     )
     entry.flags = F_PRESENT | (pod.flags & F_HAS_PRIORITY)
     if restore_dscp is not None:

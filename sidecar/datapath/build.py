@@ -248,7 +248,7 @@ NODE = Program(
     {
         abi.NODE_MAPS.colors: (None, abi.NodeTable),
         abi.NODE_MAPS.ifaces: (None, abi.NodeIface),
-        abi.NODE_MAPS.stats: (None, abi.Counter),
+        abi.NODE_MAPS.stats: (None, abi.NodeSlotCounters),
     },
     direct={abi.NODE_MAPS.colors: None, abi.NODE_MAPS.ifaces: "SC_NODE_IFINDEX_SLOTS"},
 )

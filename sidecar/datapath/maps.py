@@ -175,7 +175,7 @@ class Counters:
 
 
 class NodeColorTable:
-    """sc_node_table: DSCP -> color, both generations and the live one in a single value.
+    """sc_node_dscptab: DSCP -> color, both generations and the live one in a single value.
 
     The classifier reads that value in place (bpf/node_maps.h), so a reload is
     two writes of it: the inactive half new with the generation unchanged, then
@@ -237,20 +237,25 @@ class NodeColorTable:
 
 
 class NodeCounters:
-    """sc_node_iftab and sc_node_stats: which interface counts in which slot, and the counts.
+    """sc_node_iftab and sc_node_counts: which interface counts in which slot, and the counts.
 
     sc_node_iftab is one value (an array of NodeIface the classifier reads in
     place), so each change rewrites it whole. An entry only goes from free to
     taken or back, never from one (ifindex, slot) straight to another: a packet
-    read during the write sees its interface's slot or none.
+    read during the write sees its interface's slot or none. sc_node_counts
+    holds one row per slot (NodeSlotCounters, per CPU), so a slot is zeroed
+    or read with one syscall.
     """
 
     def __init__(self, ifaces_fd: int, stats_fd: int, ifindex_slots: int) -> None:
         self.ifaces_fd = ifaces_fd
         self.stats_fd = stats_fd
         self.ifindex_slots = ifindex_slots
+        self.max_slots = bpfsys.map_info(stats_fd).max_entries
         self._ncpu = bpfsys.num_possible_cpus()
         self._table_t = abi.NodeIface * ifindex_slots
+        # The kernel rounds each CPU's value up to 8 bytes; a row already is.
+        self._rows_t = abi.NodeSlotCounters * self._ncpu
 
     def _table(self) -> ctypes.Array:
         raw = bpfsys.map_lookup(self.ifaces_fd, ctypes.c_uint32(0), ctypes.sizeof(self._table_t))
@@ -259,16 +264,18 @@ class NodeCounters:
     def _write(self, table: ctypes.Array) -> None:
         bpfsys.map_update(self.ifaces_fd, ctypes.c_uint32(0), table)
 
+    def _slot(self, slot: int) -> ctypes.c_uint32:
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"counter slot {slot} is not in 0..{self.max_slots - 1}")
+        return ctypes.c_uint32(slot)
+
     def owner(self, ifindex: int) -> int:
         """The ifindex whose entry holds the index ``ifindex`` hashes to (0: free)."""
         return self._table()[self._index(ifindex)].ifindex
 
     def zero(self, slot: int) -> None:
         """Set every counter of ``slot`` to zero."""
-        zero = (abi.Counter * self._ncpu)()
-        for cid in range(1, abi.SC_MAX_COLORS):
-            index = ctypes.c_uint32(abi.node_stats_slot(slot, cid))
-            bpfsys.map_update(self.stats_fd, index, zero)
+        bpfsys.map_update(self.stats_fd, self._slot(slot), self._rows_t())
 
     def assign(self, ifindex: int, slot: int) -> None:
         """Count ``ifindex`` in ``slot`` from now on, starting from zero."""
@@ -293,19 +300,16 @@ class NodeCounters:
 
     def read(self, slots: Iterable[int]) -> dict[tuple[int, int], tuple[int, int]]:
         """(slot, color id) -> (packets, bytes) summed over CPUs, for ``slots``; zeros absent."""
-        per_cpu = abi.Counter * self._ncpu
-        size = ctypes.sizeof(per_cpu)
         out: dict[tuple[int, int], tuple[int, int]] = {}
         for slot in slots:
+            raw = bpfsys.map_lookup(self.stats_fd, self._slot(slot), ctypes.sizeof(self._rows_t))
+            if raw is None:
+                continue
+            rows = self._rows_t.from_buffer_copy(raw)
             for cid in range(1, abi.SC_MAX_COLORS):
-                index = ctypes.c_uint32(abi.node_stats_slot(slot, cid))
-                raw = bpfsys.map_lookup(self.stats_fd, index, size)
-                if raw is None:
-                    continue
-                values = per_cpu.from_buffer_copy(raw)
-                packets = sum(v.packets for v in values)
+                packets = sum(row.colors[cid].packets for row in rows)
                 if packets:
-                    out[(slot, cid)] = (packets, sum(v.bytes for v in values))
+                    out[(slot, cid)] = (packets, sum(row.colors[cid].bytes for row in rows))
         return out
 
     def _index(self, ifindex: int) -> int:

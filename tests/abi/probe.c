@@ -59,7 +59,7 @@ int main(void)
 
 	SIZE(sc_node_color);
 	FIELD(sc_node_color, mark);
-	FIELD(sc_node_color, mask);
+	FIELD(sc_node_color, keep);
 	FIELD(sc_node_color, priority);
 	FIELD(sc_node_color, flags);
 	FIELD(sc_node_color, color_id);
@@ -74,6 +74,9 @@ int main(void)
 	SIZE(sc_node_iface);
 	FIELD(sc_node_iface, ifindex);
 	FIELD(sc_node_iface, slot);
+
+	SIZE(sc_node_counters);
+	FIELD(sc_node_counters, colors);
 
 	/* The BPF_PROG_TEST_RUN context: only the fields abi.SkBuff names. */
 	SIZE(__sk_buff);

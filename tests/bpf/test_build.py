@@ -126,7 +126,7 @@ def test_node_tables_are_single_values_the_program_only_reads():
     assert {n: (i.type, i.max_entries, i.value_size) for n, i in info.items()} == {
         m.colors: (BPF_MAP_TYPE_ARRAY, 1, ctypes.sizeof(abi.NodeTable)),
         m.ifaces: (BPF_MAP_TYPE_ARRAY, 1, ctypes.sizeof(abi.NodeIface) * slots),
-        m.stats: (BPF_MAP_TYPE_PERCPU_ARRAY, 8 * abi.SC_MAX_COLORS, ctypes.sizeof(abi.Counter)),
+        m.stats: (BPF_MAP_TYPE_PERCPU_ARRAY, 8, ctypes.sizeof(abi.NodeSlotCounters)),
     }
     for name in (m.colors, m.ifaces):
         assert info[name].name.decode() == name

@@ -30,7 +30,7 @@ CANARY = Color("canary", 2, 0x2, priority=7, dscp=10)  # AF11
 LANE = Color("lane", 3, 0x3, dscp=46)  # EF
 PLAIN = Color("plain", 4, 0x4)  # no DSCP: invisible on the node
 POLICY = (STABLE, CANARY, LANE, PLAIN)
-LO = 1  # BPF_PROG_TEST_RUN runs packets as if they came in on loopback
+LO = 1  # run() hands packets in as if they came in on loopback (skb->ingress_ifindex)
 
 SRC4, DST4 = ("198.18.0.1", 40001), ("198.19.0.10", 8080)
 SRC6, DST6 = ("fd00::1", 40003), ("fd00::10", 8080)
@@ -77,8 +77,15 @@ class Out:
     data: bytes
 
 
-def run(loaded: Loaded, packet: bytes, mark: int = 0, priority: int = 0, repeat: int = 1) -> Out:
-    ctx = abi.SkBuff(mark=mark, priority=priority)
+def run(
+    loaded: Loaded,
+    packet: bytes,
+    mark: int = 0,
+    priority: int = 0,
+    repeat: int = 1,
+    ifindex: int = LO,
+) -> Out:
+    ctx = abi.SkBuff(mark=mark, priority=priority, ingress_ifindex=ifindex)
     res = bpfsys.prog_test_run(loaded.clf.progs["ingress"], packet, ctx=ctx, repeat=repeat)
     assert res.ctx is not None
     out = abi.SkBuff.from_buffer_copy(res.ctx.ljust(ctypes.sizeof(abi.SkBuff), b"\0"))
@@ -193,6 +200,31 @@ def test_counters_per_interface_slot_and_color(loaded):
     assert _delta(before, after, (1, STABLE.id)) == (3, 3 * len(stable))
     total = sum(p for p, _ in after.values()) - sum(p for p, _ in before.values())
     assert total == 10
+
+
+def test_each_interface_counts_in_its_own_slot(policy):
+    """The interface a packet came in on (skb->ingress_ifindex) picks the slot's row."""
+    other = 7
+    policy.counters.assign(other, 3)
+    try:
+        before = policy.counters.read([1, 3])
+        run(policy, v4(10), repeat=2)
+        run(policy, v4(10), repeat=5, ifindex=other)
+        run(policy, v6(46), repeat=3, ifindex=other)
+        after = policy.counters.read([1, 3])
+    finally:
+        policy.counters.release(other)
+    assert _delta(before, after, (1, CANARY.id))[0] == 2
+    assert _delta(before, after, (3, CANARY.id))[0] == 5
+    assert _delta(before, after, (3, LANE.id))[0] == 3
+    assert _delta(before, after, (1, LANE.id))[0] == 0
+
+
+def test_a_slot_past_the_counters_is_refused(policy):
+    with pytest.raises(ValueError, match=r"counter slot 8 is not in 0\.\.7"):
+        policy.counters.assign(LO, 8)
+    assert run(policy, v4(10)).mark == CANARY.mark
+    assert policy.counters.owner(LO) == LO
 
 
 def test_interface_without_a_slot_counts_as_unattributed(policy):
