@@ -23,6 +23,14 @@ interface tables in place and does one map lookup, the per-CPU counter
 and of the empty program (``*_min_ns``), since on a shared machine a busy
 neighbour slows memory-bound programs more than the empty one.
 
+Three hand-assembled floors run beside it, on its own maps: "mark" reads the
+DS byte and writes skb->mark from that DSCP's entry, "count" adds the packet
+to one per-CPU counter, "both" does the two. They leave out what the issue
+requires besides (IPv6, the presence and mask checks, the generation, the
+interface and color of the counter), so no program that marks and counts can
+cost less than "both" on the same machine at the same time: where "both" is
+near the limit, the limit is not the classifier's to meet.
+
     sudo .venv/bin/python bench/bpf_cost.py [--sizes 1,10000,1000000] [--json]
 
 ``measure()`` returns the rows for bench/run.py.
@@ -120,9 +128,61 @@ def _lookup_only_insns(map_fd: int, key: bytes) -> bytes:
         (tail,) = struct.unpack("<i", key[-4:])
         prog += _insn(0x62, dst=10, off=top + len(key) - 4, imm=tail)  # *(u32 *)(...) = imm
     prog += _insn(0xBF, dst=2, src=10) + _insn(0x07, dst=2, imm=top)  # r2 = r10 + top
-    prog += _insn(0x18, dst=1, src=1, imm=map_fd) + _insn(0)  # r1 = map (BPF_PSEUDO_MAP_FD)
-    prog += _insn(0x85, imm=1)  # call bpf_map_lookup_elem
+    prog += _ld_map(1, map_fd) + _insn(0x85, imm=1)  # r1 = map; call bpf_map_lookup_elem
     return prog + bpfsys.RETURN_OK_INSNS
+
+
+def _ld_map(dst: int, fd: int, value: bool = False) -> bytes:
+    """dst = the map behind ``fd`` (BPF_PSEUDO_MAP_FD), or its one value's address (_VALUE)."""
+    return _insn(0x18, dst=dst, src=2 if value else 1, imm=fd) + _insn(0)
+
+
+def _floor_insns(table_fd: int | None, stats_fd: int | None, generation: int = 0) -> bytes:
+    """The least a node classifier can do to mark (``table_fd``) and/or count (``stats_fd``).
+
+    Marking: read the DS byte of an IPv4 header and write skb->mark from that
+    DSCP's entry of the node's own color table, read in place in the
+    ``generation`` live at load time; no ethertype, version, presence, mask or
+    generation check. Counting: one per-CPU counter at a constant key of the
+    node's own counter map, packets and bytes; no interface or color index.
+    Both together do less than the issue asks of a colored packet, so no
+    program that marks and counts costs less on the same machine at the same time.
+    """
+    entry = ctypes.sizeof(abi.NodeColorEntry)
+    half = ctypes.sizeof(abi.NodeColorEntry * abi.SC_DSCP_VALUES) * generation
+    mark_at = abi.NodeTable.colors.offset + half + abi.NodeColorEntry.mark.offset
+    skb = abi.SkBuff
+    body = b""
+    jumps = []  # where a jump to the end sits, patched once the end is known
+    if table_fd is not None:
+        body += _insn(0x61, dst=2, src=6, off=skb.data.offset)  # r2 = skb->data
+        body += _insn(0x61, dst=3, src=6, off=skb.data_end.offset)  # r3 = skb->data_end
+        body += _insn(0xBF, dst=4, src=2) + _insn(0x07, dst=4, imm=16)  # r4 = data + 16
+        jumps.append(len(body))
+        body += _insn(0x2D, dst=4, src=3)  # if r4 > r3 (too short): to the end
+        body += _insn(0x71, dst=5, src=2, off=15)  # r5 = IPv4 TOS byte
+        body += _insn(0x77, dst=5, imm=2) + _insn(0x27, dst=5, imm=entry)  # r5 = DSCP * entry
+        body += _ld_map(1, table_fd, value=True) + _insn(0x0F, dst=1, src=5)
+        body += _insn(0x61, dst=0, src=1, off=mark_at)  # r0 = the entry's mark
+        body += _insn(0x63, dst=6, src=0, off=skb.mark.offset)  # skb->mark = r0
+    if stats_fd is not None:
+        body += _insn(0x62, dst=10, off=-4, imm=0)  # key = 0
+        body += _insn(0xBF, dst=2, src=10) + _insn(0x07, dst=2, imm=-4)
+        body += _ld_map(1, stats_fd) + _insn(0x85, imm=1)  # r0 = bpf_map_lookup_elem()
+        jumps.append(len(body))
+        body += _insn(0x15, dst=0)  # if r0 == 0: to the end
+        packets, nbytes = abi.Counter.packets.offset, abi.Counter.bytes.offset
+        body += _insn(0x79, dst=1, src=0, off=packets) + _insn(0x07, dst=1, imm=1)
+        body += _insn(0x7B, dst=0, src=1, off=packets)  # packets += 1
+        body += _insn(0x61, dst=2, src=6, off=skb.len.offset)  # r2 = skb->len
+        body += _insn(0x79, dst=1, src=0, off=nbytes) + _insn(0x0F, dst=1, src=2)
+        body += _insn(0x7B, dst=0, src=1, off=nbytes)  # bytes += skb->len
+    end = len(body) // 8
+    for at in jumps:
+        jump = bytearray(body[at : at + 8])
+        struct.pack_into("<h", jump, 2, end - at // 8 - 1)
+        body = body[:at] + bytes(jump) + body[at + 8 :]
+    return _insn(0xBF, dst=6, src=1) + body + bpfsys.RETURN_OK_INSNS  # r6 = skb
 
 
 def _ns(fd: int, packet: bytes, repeat: int, ctx: ctypes.Structure | None = None) -> int:
@@ -148,6 +208,7 @@ def measure(
     # Its packets come in on loopback (ifindex 1), which gets a counter slot as a pod's would.
     NodeCounters(node.maps[nm.ifaces], node.maps[nm.stats], NODE_SLOTS).assign(1, 1)
     on_lo = abi.SkBuff(ingress_ifindex=1)
+    floors = _load_floors(node)
     rows = []
     try:
         for size in sizes:
@@ -174,15 +235,22 @@ def measure(
                     for fd in (baseline, lookup, prog):  # warm caches and clocks; discarded
                         _ns(fd, fwd, repeat)
                     _ns(node.progs["ingress"], colored, repeat, on_lo)
+                    floor_ns: dict[str, list[int]] = {name: [] for name in floors}
                     for _ in range(rounds):
                         base.append(_ns(baseline, fwd, repeat))
                         one.append(_ns(lookup, fwd, repeat))
                         hit.append(_ns(prog, fwd, repeat))
                         rev.append(_ns(prog, reply, repeat))
                         dscp.append(_ns(node.progs["ingress"], colored, repeat, on_lo))
+                        for name, fd in floors.items():
+                            floor_ns[name].append(_ns(fd, colored, repeat))
                 finally:
                     os.close(lookup)
                 b, o, h, r, n = (statistics.median(x) for x in (base, one, hit, rev, dscp))
+                floor_row = {}
+                for name, runs in floor_ns.items():
+                    floor_row[f"node_floor_{name}_ns"] = statistics.median(runs)
+                    floor_row[f"node_floor_{name}_ratio"] = round(statistics.median(runs) / b, 2)
                 rows.append(
                     {
                         "flows": size,
@@ -199,29 +267,104 @@ def measure(
                         "node_ratio": round(n / b, 2),
                         "baseline_min_ns": min(base),
                         "node_min_ns": min(dscp),
+                        **floor_row,
                         "repeat": repeat,
                         "rounds": rounds,
                     }
                 )
     finally:
         os.close(baseline)
+        for fd in floors.values():
+            os.close(fd)
         node.close()
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    head = (
-        f"{'flows':>9} {'empty ns':>9} {'1 lookup ns':>12} {'ratio':>6} {'classifier ns':>14} "
-        f"{'ratio':>6} {'reply ns':>9} {'ratio':>6} {'node ns':>8} {'ratio':>6} {'fill s':>7}"
-    )
+def _load_floors(node) -> dict[str, int]:
+    """Load the three floor programs on the node classifier's maps; check each does its work.
+
+    A floor that silently marked or counted nothing would flatter the
+    comparison, so each is run once on the colored packet first: "mark" must
+    set STABLE's mark, "count" must count the packet, "both" must do both.
+    """
+    nm = abi.NODE_MAPS
+    table, stats = node.maps[nm.colors], node.maps[nm.stats]
+    live = NodeColorTable(table).generation()
+    colored = _packet(LOCAL, REMOTE, tos=(STABLE.dscp or 0) << 2)
+    fds: dict[str, int] = {}
+    try:
+        for name, t, c in (("mark", table, None), ("count", None, stats), ("both", table, stats)):
+            insns = _floor_insns(t, c, live)
+            fds[name] = fd = bpfsys.prog_load_sched_cls(insns, f"sc_floor_{name}")
+            before = _counted(stats)
+            run = bpfsys.prog_test_run(fd, colored, ctx=abi.SkBuff())
+            out = abi.SkBuff.from_buffer_copy(run.ctx) if run.ctx else abi.SkBuff()
+            marked = out.mark == STABLE.mark
+            counted = _counted(stats) == before + 1
+            if (t is not None, c is not None) != (marked, counted):
+                raise RuntimeError(
+                    f"floor program {name!r}: marked {marked}, counted {counted}; expected "
+                    f"{t is not None} and {c is not None}"
+                )
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def _counted(stats_fd: int) -> int:
+    """Packets in the first counter of the node counter map's entry 0, summed over CPUs.
+
+    That is where the floors count (slot 0's row, color 0, which bpf/node.c never counts).
+    """
+    stride = (bpfsys.map_info(stats_fd).value_size + 7) // 8 * 8  # per CPU, 8-byte aligned
+    ncpu = bpfsys.num_possible_cpus()
+    raw = bpfsys.map_lookup(stats_fd, ctypes.c_uint32(0), stride * ncpu) or b""
+    return sum(abi.Counter.from_buffer_copy(raw, i * stride).packets for i in range(ncpu) if raw)
+
+
+# Printed columns: (title, row key); ratios print with two decimals.
+_COLUMNS = [
+    ("flows", "flows"),
+    ("empty ns", "baseline_ns"),
+    ("1 lookup ns", "lookup_only_ns"),
+    ("ratio", "lookup_only_ratio"),
+    ("classifier ns", "classifier_ns"),
+    ("ratio", "ratio"),
+    ("reply ns", "classifier_reply_ns"),
+    ("ratio", "reply_ratio"),
+    ("node ns", "node_ns"),
+    ("ratio", "node_ratio"),
+    ("fill s", "fill_s"),
+]
+# The node classifier beside its floors (``_floor_insns``), in the same rounds.
+_NODE_COLUMNS = [
+    ("flows", "flows"),
+    ("empty ns", "baseline_ns"),
+    ("node ns", "node_ns"),
+    ("ratio", "node_ratio"),
+    *(
+        pair
+        for name in ("mark", "count", "both")
+        for pair in (
+            (f"floor: {name}", f"node_floor_{name}_ns"),
+            ("ratio", f"node_floor_{name}_ratio"),
+        )
+    ),
+]
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    widths = [max(len(title), 6) for title, _ in columns]
+    head = " ".join(f"{title:>{w}}" for (title, _), w in zip(columns, widths, strict=True))
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(
-            f"{r['flows']:>9} {r['baseline_ns']:>9} {r['lookup_only_ns']:>12} "
-            f"{r['lookup_only_ratio']:>6.2f} {r['classifier_ns']:>14} {r['ratio']:>6.2f} "
-            f"{r['classifier_reply_ns']:>9} {r['reply_ratio']:>6.2f} {r['node_ns']:>8} "
-            f"{r['node_ratio']:>6.2f} {r['fill_s']:>7.2f}"
-        )
+        cells = []
+        for (_, key), w in zip(columns, widths, strict=True):
+            value = r[key]
+            cells.append(f"{value:>{w}.2f}" if isinstance(value, float) else f"{value:>{w}}")
+        lines.append(" ".join(cells))
     return "\n".join(lines)
 
 
@@ -242,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(int(s) for s in args.sizes.split(","))
     started = time.monotonic()
     rows = measure(sizes, args.repeat, args.rounds)
-    print(json.dumps(rows, indent=2) if args.json else _table(rows))
+    print(
+        json.dumps(rows, indent=2)
+        if args.json
+        else f"{_table(rows, _COLUMNS)}\n\n{_table(rows, _NODE_COLUMNS)}"
+    )
     worst = max(max(r["ratio"], r["reply_ratio"]) for r in rows)
     print(
         f"\nclassifier / empty program, colored flow (forward and reply): worst ratio "

@@ -201,8 +201,9 @@ class NodeSlotCounters(ctypes.Structure):
 class SkBuff(ctypes.Structure):
     """``struct __sk_buff`` from linux/bpf.h (UAPI), the BPF_PROG_TEST_RUN context.
 
-    Only the fields a test run may set or read back are named; the rest is kept
-    as anonymous padding so the size (192 bytes) matches the kernel's.
+    Only the fields a test run may set or read back, or that the benchmark's
+    hand-assembled programs read (bench/bpf_cost.py), are named; the rest is
+    kept as anonymous padding so the size (192 bytes) matches the kernel's.
     """
 
     _fields_ = [
@@ -219,7 +220,11 @@ class SkBuff(ctypes.Structure):
         ("ifindex", ctypes.c_uint32),
         ("tc_index", ctypes.c_uint32),
         ("cb", ctypes.c_uint32 * 5),
-        ("_rest", ctypes.c_uint8 * 124),
+        ("hash", ctypes.c_uint32),
+        ("tc_classid", ctypes.c_uint32),
+        ("data", ctypes.c_uint32),  # packet start, as a program reads it (ctx rewrite)
+        ("data_end", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint8 * 108),
     ]
 
 

@@ -113,8 +113,8 @@ class NetlinkSession:
     def sweep(self, netns: str | None) -> int:
         return int(self.call("sweep", {"netns": netns}))
 
-    def attach(self, point: AttachPoint, prog_fd: int) -> Attachment:
-        d = self.call("attach", {"point": point_to_json(point)}, [prog_fd])
+    def attach(self, point: AttachPoint, prog_fd: int, classid: int = 0) -> Attachment:
+        d = self.call("attach", {"point": point_to_json(point), "classid": classid}, [prog_fd])
         return Attachment(**d)
 
     def detach(self, att: Attachment) -> None:

@@ -65,6 +65,9 @@ class Attachment:
     direction: str
     pref: int
     handle: int
+    # TCA_BPF_CLASSID: a constant of this attachment the program reads as
+    # skb->tc_classid (its minor); 0 for none. The node agent's counter slot.
+    classid: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -76,5 +79,6 @@ class Attachment:
                 "name": filter_name(self.direction),
                 "pref": self.pref,
                 "handle": self.handle,
+                "classid": self.classid,
             },
         }

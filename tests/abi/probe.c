@@ -93,6 +93,10 @@ int main(void)
 	FIELD(__sk_buff, ifindex);
 	FIELD(__sk_buff, tc_index);
 	FIELD(__sk_buff, cb);
+	FIELD(__sk_buff, hash);
+	FIELD(__sk_buff, tc_classid);
+	FIELD(__sk_buff, data);
+	FIELD(__sk_buff, data_end);
 
 	CONST(SC_MAX_COLORS);
 	CONST(SC_GENERATIONS);

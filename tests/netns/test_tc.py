@@ -74,6 +74,20 @@ def test_attach_ingress_and_egress_in_named_netns_then_detach_leaves_nothing(pai
     assert "clsact" not in qdiscs(a), "the clsact qdisc we created must go"
 
 
+def test_a_classid_goes_on_the_filter_and_a_replacement_carries_its_own(pair, prog):
+    a, _ = pair
+    t = tcm.TcAttacher()
+    first = t.attach(AttachPoint("eth0", "ingress", a), prog, classid=0x10007)
+    assert first.classid == 0x10007
+    assert "flowid 1:7" in tc("filter", "show", "dev", "eth0", "ingress", netns=a)
+    second = t.attach(AttachPoint("eth0", "ingress", a), prog, classid=0x10009)
+    shown = tc("filter", "show", "dev", "eth0", "ingress", netns=a)
+    assert "flowid 1:9" in shown and "flowid 1:7" not in shown
+    assert second.pref != first.pref and len(filters(a, "ingress")) == 1
+    t.detach(second)
+    assert filters(a, "ingress") == []
+
+
 def test_preexisting_clsact_and_foreign_filter_are_left_alone(pair, prog):
     a, _ = pair
     with IPRoute(netns=a, flags=0) as ipr:

@@ -48,7 +48,8 @@ def _serve_one(op: str, args: dict, fds: list[int], qdisc: QdiscOwnership) -> An
     if op == "attach":
         if not fds:
             raise DatapathError("attach", "no program fd came with the request")
-        return dataclasses.asdict(attacher.attach(point_from_json(args["point"]), fds[0]))
+        point = point_from_json(args["point"])
+        return dataclasses.asdict(attacher.attach(point, fds[0], args.get("classid", 0)))
     if op == "detach":
         attacher.detach(Attachment(**args["att"]))
         return None

@@ -72,8 +72,13 @@ class TcAttacher:
         # (netns, ifindex) -> True when the clsact qdisc there is ours to delete.
         self._qdisc_ours: dict[tuple[str | None, int], bool] = {}
 
-    def attach(self, point: AttachPoint, prog_fd: int) -> Attachment:
-        """Put ``prog_fd`` on ``point``, replacing any filter of ours already there."""
+    def attach(self, point: AttachPoint, prog_fd: int, classid: int = 0) -> Attachment:
+        """Put ``prog_fd`` on ``point``, replacing any filter of ours already there.
+
+        A non-zero ``classid`` goes on the filter (TCA_BPF_CLASSID): cls_bpf
+        hands it to the program as skb->tc_classid before each run, so one
+        program tells its attachments apart with no map lookup.
+        """
         with ipr_in(point.netns) as ipr:
             ifindex = lookup_ifindex(ipr, point.interface, point.netns)
             where = f"{point.interface} ({ns.label(point.netns)}, ifindex {ifindex})"
@@ -101,6 +106,7 @@ class TcAttacher:
                     parent=PARENTS[point.direction],
                     prio=pref,
                     direct_action=True,
+                    classid=classid or None,
                 )
             log.info(
                 "tc: attached %s at %s of %s pref %d handle %d",
@@ -113,7 +119,7 @@ class TcAttacher:
             for f in old:
                 self._delete_filter(ipr, ifindex, point.direction, f.pref, f.handle, where)
             return Attachment(
-                point.netns, point.interface, ifindex, point.direction, pref, FILTER_HANDLE
+                point.netns, point.interface, ifindex, point.direction, pref, FILTER_HANDLE, classid
             )
 
     def detach(self, att: Attachment) -> None:
