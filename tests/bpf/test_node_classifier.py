@@ -113,8 +113,9 @@ def vlan(frame: bytes) -> bytes:
 
 
 def wrong_version(frame: bytes) -> bytes:
-    """An IPv4 ethertype whose header says version 6."""
-    return frame[: pk.ETH_LEN] + bytes([0x65]) + frame[pk.ETH_LEN + 1 :]
+    """The frame with its IP version nibble swapped (4 <-> 6), ethertype kept."""
+    first = frame[pk.ETH_LEN]
+    return frame[: pk.ETH_LEN] + bytes([first ^ 0x20]) + frame[pk.ETH_LEN + 1 :]
 
 
 # description, packet, mark in, expected mark, expected priority
@@ -135,6 +136,7 @@ ROWS = [
     ("arp", pk.arp("198.18.0.1", "198.19.0.10"), 0, 0, 0),
     ("VLAN-tagged canary", vlan(v4(10)), 0x4000, 0x4000, 0),
     ("IPv4 ethertype, version 6 header", wrong_version(v4(10)), 0, 0, 0),
+    ("IPv6 ethertype, version 4 header", wrong_version(v6(10)), 0, 0, 0),
 ]
 
 
