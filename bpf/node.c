@@ -74,7 +74,7 @@ static __always_inline int sc_read_dscp(struct __sk_buff *skb)
  * Keep a computed address in one register: without this, clang sinks the
  * address arithmetic into every block that uses it (for the color entry,
  * seven instructions per use: the generation and the DSCP shifted and added
- * to the table again for the priority, the restore and the counter).
+ * to the table again for the options and the counter).
  */
 #define sc_keep_in_register(ptr) asm volatile("" : "+r"(ptr))
 
@@ -104,8 +104,6 @@ int sc_node_ingress(struct __sk_buff *skb)
 
 	/* keep is ~mask and mark is within the mask (user space makes them so). */
 	skb->mark = (skb->mark & color->keep) | color->mark;
-	if (flags & F_HAS_PRIORITY)
-		skb->priority = color->priority;
 
 	/*
 	 * The interface's counter slot; one that has none (or lost its entry to an
@@ -120,9 +118,16 @@ int sc_node_ingress(struct __sk_buff *skb)
 	iface = &sc_node_iftab()[ifindex & (SC_NODE_IFINDEX_SLOTS - 1)];
 	slot = iface->ifindex == ifindex ? iface->slot : 0;
 
-	/* Rare (restore_dscp set): its helpers invalidate packet pointers, none is used after. */
-	if (flags & F_RESTORE_DSCP)
-		sc_set_dscp(skb, color->restore_dscp);
+	/*
+	 * The options, one test for a color that has neither. The restore comes
+	 * after every packet access: its helpers invalidate packet pointers.
+	 */
+	if (flags & (F_HAS_PRIORITY | F_RESTORE_DSCP)) {
+		if (flags & F_HAS_PRIORITY)
+			skb->priority = color->priority;
+		if (flags & F_RESTORE_DSCP)
+			sc_set_dscp(skb, color->restore_dscp);
+	}
 
 	/* Keyed by the slot as read: user space writes no slot past the map's end. */
 	row = sc_node_counts.lookup(&slot);
