@@ -17,9 +17,9 @@ one lookup too. The limit applies to forward and reply packets alike.
 
 "node" is the node agent's classifier (bpf/node.c) on the same packet carrying
 its color's DSCP, in the same rounds: it does no flow lookup, so it is held to
-``--max-node-ratio`` (1.5) of the empty program. It reads its color and
-interface tables in place and does one map lookup, the per-CPU counter
-(bpf/node_maps.h says why); the JSON rows also carry the fastest round of it
+``--max-node-ratio`` (1.5) of the empty program. It reads its color table in
+place, its counter slot from the filter's classid, and does one map lookup,
+the per-CPU counter row (bpf/node_maps.h says why); the JSON rows also carry the fastest round of it
 and of the empty program (``*_min_ns``), since on a shared machine a busy
 neighbour slows memory-bound programs more than the empty one.
 
@@ -49,14 +49,13 @@ import time
 
 from sidecar.datapath import abi, bpfsys
 from sidecar.datapath.build import build_classifier, build_node_classifier
-from sidecar.datapath.maps import ColorTable, FlowTable, NodeColorTable, NodeCounters
+from sidecar.datapath.maps import ColorTable, FlowTable, NodeColorTable
 from sidecar.policy import Color
 
 ETH_P_IP = 0x0800
 DEFAULT_SIZES = (1, 10_000, 1_000_000)
 BATCH = 65_536  # flows per bpf_map_update_batch call
 STABLE = Color("stable", 1, 0x1, dscp=10)
-NODE_SLOTS = 65536  # as the node agent sizes sc_node_iftab
 
 # The flow whose packets are measured; the filler flows use 198.18.128.0/17 sources.
 LOCAL, REMOTE = ("198.18.0.1", 40000), ("198.19.0.10", 8080)
@@ -185,8 +184,8 @@ def _floor_insns(table_fd: int | None, stats_fd: int | None, generation: int = 0
     return _insn(0xBF, dst=6, src=1) + body + bpfsys.RETURN_OK_INSNS  # r6 = skb
 
 
-def _ns(fd: int, packet: bytes, repeat: int, ctx: ctypes.Structure | None = None) -> int:
-    run = bpfsys.prog_test_run(fd, packet, ctx=ctx, repeat=repeat)
+def _ns(fd: int, packet: bytes, repeat: int) -> int:
+    run = bpfsys.prog_test_run(fd, packet, repeat=repeat)
     if run.retval not in (0, abi.VERDICT_RETVAL):  # the empty program: OK; ours: UNSPEC
         raise RuntimeError(f"program returned {run.retval:#x}, expected a pass verdict")
     return run.duration_ns
@@ -202,12 +201,10 @@ def measure(
     Needs root (CAP_BPF + CAP_NET_ADMIN).
     """
     baseline = bpfsys.prog_load_sched_cls(bpfsys.RETURN_OK_INSNS, "sc_bench_empty")
-    node = build_node_classifier(NODE_SLOTS, 256)
-    nm = abi.NODE_MAPS
-    NodeColorTable(node.maps[nm.colors]).apply([STABLE], 0xFF)
-    # Its packets come in on loopback (ifindex 1), which gets a counter slot as a pod's would.
-    NodeCounters(node.maps[nm.ifaces], node.maps[nm.stats], NODE_SLOTS).assign(1, 1)
-    on_lo = abi.SkBuff(ingress_ifindex=1)
+    # A test run cannot set skb->tc_classid, so its packets count in slot 0: the
+    # same instructions as a pod interface's slot, one row of the same map.
+    node = build_node_classifier(256)
+    NodeColorTable(node.maps[abi.NODE_MAPS.colors]).apply([STABLE], 0xFF)
     floors = _load_floors(node)
     rows = []
     try:
@@ -234,14 +231,14 @@ def measure(
                 try:
                     for fd in (baseline, lookup, prog):  # warm caches and clocks; discarded
                         _ns(fd, fwd, repeat)
-                    _ns(node.progs["ingress"], colored, repeat, on_lo)
+                    _ns(node.progs["ingress"], colored, repeat)
                     floor_ns: dict[str, list[int]] = {name: [] for name in floors}
                     for _ in range(rounds):
                         base.append(_ns(baseline, fwd, repeat))
                         one.append(_ns(lookup, fwd, repeat))
                         hit.append(_ns(prog, fwd, repeat))
                         rev.append(_ns(prog, reply, repeat))
-                        dscp.append(_ns(node.progs["ingress"], colored, repeat, on_lo))
+                        dscp.append(_ns(node.progs["ingress"], colored, repeat))
                         for name, fd in floors.items():
                             floor_ns[name].append(_ns(fd, colored, repeat))
                 finally:

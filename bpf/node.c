@@ -20,10 +20,10 @@
  * other DSCP, or that are not IP, pass untouched.
  *
  * Cost (bench/bpf_cost.py holds it to 1.5x an empty tc program): the color
- * table and the interface table are read in place (node_maps.h), so a colored
- * packet costs one packet load (ethertype and DS field together), its color
- * entry and interface entry (plain loads), the mark, and one inlined map
- * lookup: the per-CPU row of its interface's counters. Each step below takes
+ * table is read in place (node_maps.h) and the interface's counter slot comes
+ * with the filter (skb->tc_classid), so a colored packet costs one packet load
+ * (ethertype and DS field together), its color entry (plain loads), the mark,
+ * and one inlined map lookup: the per-CPU row of its interface's counters. Each step below takes
  * the form with the fewest dependent loads and operations; the comments say
  * which, since an empty program is only about ten nanoseconds.
  */
@@ -83,10 +83,9 @@ int sc_node_ingress(struct __sk_buff *skb)
 {
 	const struct sc_node_table *table = sc_node_table();
 	const struct sc_node_color *color;
-	const struct sc_node_iface *iface;
 	struct sc_node_counters *row;
 	struct sc_counter *cnt;
-	__u32 flags, color_id, ifindex, slot;
+	__u32 flags, color_id, slot;
 	int dscp;
 
 	dscp = sc_read_dscp(skb);
@@ -106,17 +105,14 @@ int sc_node_ingress(struct __sk_buff *skb)
 	skb->mark = (skb->mark & color->keep) | color->mark;
 
 	/*
-	 * The interface's counter slot; one that has none (or lost its entry to an
-	 * ifindex collision) is counted in slot 0, "unattributed". The interface
-	 * is skb->ingress_ifindex (skb->skb_iif, one load) rather than skb->ifindex
-	 * (skb->dev, then its ifindex: two dependent loads): at tc ingress they are
-	 * the same, since __netif_receive_skb_core sets skb_iif to the device's
-	 * ifindex before the ingress hook, on every round (a redirect to ingress
-	 * included).
+	 * The interface's counter slot is the classid the node agent put on this
+	 * interface's filter (TCA_BPF_CLASSID): cls_bpf copies it to
+	 * qdisc_skb_cb(skb)->tc_classid before it runs the program, and
+	 * skb->tc_classid reads its minor, 16 bits. One load from the skb, no
+	 * table: the kernel keeps the per-interface constant with the filter. Slot
+	 * 0 (no classid) is "unattributed", which is where BPF_PROG_TEST_RUN counts.
 	 */
-	ifindex = skb->ingress_ifindex;
-	iface = &sc_node_iftab()[ifindex & (SC_NODE_IFINDEX_SLOTS - 1)];
-	slot = iface->ifindex == ifindex ? iface->slot : 0;
+	slot = skb->tc_classid;
 
 	/*
 	 * The options, one test for a color that has neither. The restore comes

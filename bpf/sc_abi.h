@@ -141,20 +141,6 @@ struct sc_node_table {
 };
 
 /*
- * One entry of sc_node_iftab's single value (an array of
- * SC_NODE_IFINDEX_SLOTS of them, at ifindex & (SC_NODE_IFINDEX_SLOTS - 1)):
- * the counter slot of the interface with that ifindex. ifindex is checked, so
- * an entry never counts for another interface whose index shares its bits.
- * An entry only ever changes from free to taken or back (never from one
- * interface to another), so a packet that reads it while it is rewritten sees
- * its interface's slot or none (slot 0).
- */
-struct sc_node_iface {
-	__u32 ifindex; /* host order; 0: the entry is free */
-	__u32 slot;    /* host order; 1..SC_NODE_MAX_IFACES-1 (0: unattributed) */
-};
-
-/*
  * sc_node_counts value (per CPU), at index counter slot: that slot's counters
  * by color id. One row per slot, so the classifier looks up its interface's
  * row by the slot it already has and indexes the color in it (no key to

@@ -46,13 +46,11 @@ class NodeMapNames(NamedTuple):
     """The node classifier's maps (bpf/node_maps.h)."""
 
     colors: str  # one NodeTable: the live generation, DSCP -> color for both
-    ifaces: str  # one array of NodeIface: ifindex -> counter slot
     stats: str  # per-CPU NodeSlotCounters per slot: its counters by color
 
 
 NODE_MAPS = NodeMapNames(
     colors="sc_node_dscptab",
-    ifaces="sc_node_iftab",
     stats="sc_node_counts",
 )
 
@@ -178,18 +176,6 @@ class NodeTable(ctypes.Structure):
     ]
 
 
-class NodeIface(ctypes.Structure):
-    """``struct sc_node_iface``: an interface's counter slot, found by its ifindex's low bits.
-
-    sc_node_iftab's one value is an array of them (``NodeIface * ifindex_slots``).
-    """
-
-    _fields_ = [
-        ("ifindex", ctypes.c_uint32),  # host order; 0 = free
-        ("slot", ctypes.c_uint32),  # host order
-    ]
-
-
 class NodeSlotCounters(ctypes.Structure):
     """``struct sc_node_counters``: one CPU's value of sc_node_counts, a slot's counters."""
 
@@ -238,7 +224,6 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "sc_counter": Counter,
     "sc_node_color": NodeColorEntry,
     "sc_node_table": NodeTable,
-    "sc_node_iface": NodeIface,
     "sc_node_counters": NodeSlotCounters,
     "__sk_buff": SkBuff,
 }
@@ -340,6 +325,21 @@ def color_entry(
         entry.dscp = dscp
         entry.flags |= F_HAS_DSCP
     return entry
+
+
+# The major half of the classid on the node agent's filters; the minor is the counter slot.
+NODE_CLASSID_MAJOR = 0x1
+
+
+def node_classid(slot: int) -> int:
+    """The classid (TCA_BPF_CLASSID) that makes bpf/node.c count in ``slot``. Pure.
+
+    cls_bpf hands the filter's classid to the program as skb->tc_classid, of
+    which the program sees the 16-bit minor; 0 (no classid) is slot 0.
+    """
+    if not 0 <= slot <= 0xFFFF:
+        raise ValueError(f"counter slot {slot} does not fit a classid minor (0..65535)")
+    return NODE_CLASSID_MAJOR << 16 | slot if slot else 0
 
 
 def node_color_entry(

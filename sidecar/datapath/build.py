@@ -86,21 +86,19 @@ def build_classifier(flow_table_size: int, *, timeout: float = 60.0) -> Classifi
     return _build(POD, args, flow_table_size, timeout)
 
 
-def build_node_classifier(
-    ifindex_slots: int, max_interfaces: int, *, timeout: float = 60.0
-) -> Classifier:
+def build_node_classifier(max_interfaces: int, *, timeout: float = 60.0) -> Classifier:
     """Compile and load the node classifier (bpf/node.c) in a child; as ``build_classifier``.
 
-    ``ifindex_slots`` (a power of two) sizes the ifindex -> counter slot map,
-    ``max_interfaces`` the counters (slot 0 counts interfaces without a slot).
+    ``max_interfaces`` sizes the counters (slot 0 counts interfaces without a
+    slot); it must fit a classid's 16-bit minor (``abi.node_classid``).
     """
-    args = ["--ifindex-slots", str(ifindex_slots), "--max-interfaces", str(max_interfaces)]
-    return _build(NODE, args, 0, timeout, node_defines(ifindex_slots, max_interfaces))
+    args = ["--max-interfaces", str(max_interfaces)]
+    return _build(NODE, args, 0, timeout, node_defines(max_interfaces))
 
 
-def node_defines(ifindex_slots: int, max_interfaces: int) -> dict[str, int]:
+def node_defines(max_interfaces: int) -> dict[str, int]:
     """The -D sizes of bpf/node_maps.h (Python owns map sizes)."""
-    return {"SC_NODE_IFINDEX_SLOTS": ifindex_slots, "SC_NODE_MAX_IFACES": max_interfaces}
+    return {"SC_NODE_MAX_IFACES": max_interfaces}
 
 
 def _build(
@@ -247,10 +245,9 @@ NODE = Program(
     abi.NODE_PROGS,
     {
         abi.NODE_MAPS.colors: (None, abi.NodeTable),
-        abi.NODE_MAPS.ifaces: (None, abi.NodeIface),
         abi.NODE_MAPS.stats: (None, abi.NodeSlotCounters),
     },
-    direct={abi.NODE_MAPS.colors: None, abi.NODE_MAPS.ifaces: "SC_NODE_IFINDEX_SLOTS"},
+    direct={abi.NODE_MAPS.colors: None},
 )
 PROGRAMS = {p.name: p for p in (POD, NODE)}
 

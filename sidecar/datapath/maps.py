@@ -237,66 +237,29 @@ class NodeColorTable:
 
 
 class NodeCounters:
-    """sc_node_iftab and sc_node_counts: which interface counts in which slot, and the counts.
+    """sc_node_counts: packets and bytes per (counter slot, color id), per CPU.
 
-    sc_node_iftab is one value (an array of NodeIface the classifier reads in
-    place), so each change rewrites it whole. An entry only goes from free to
-    taken or back, never from one (ifindex, slot) straight to another: a packet
-    read during the write sees its interface's slot or none. sc_node_counts
-    holds one row per slot (NodeSlotCounters, per CPU), so a slot is zeroed
-    or read with one syscall.
+    Which slot an interface counts in is not in a map: it is the classid of
+    the interface's filter (``abi.node_classid``), which the classifier reads
+    as skb->tc_classid. sc_node_counts holds one row per slot
+    (NodeSlotCounters, per CPU), so a slot is zeroed or read with one syscall.
     """
 
-    def __init__(self, ifaces_fd: int, stats_fd: int, ifindex_slots: int) -> None:
-        self.ifaces_fd = ifaces_fd
+    def __init__(self, stats_fd: int) -> None:
         self.stats_fd = stats_fd
-        self.ifindex_slots = ifindex_slots
         self.max_slots = bpfsys.map_info(stats_fd).max_entries
         self._ncpu = bpfsys.num_possible_cpus()
-        self._table_t = abi.NodeIface * ifindex_slots
         # The kernel rounds each CPU's value up to 8 bytes; a row already is.
         self._rows_t = abi.NodeSlotCounters * self._ncpu
-
-    def _table(self) -> ctypes.Array:
-        raw = bpfsys.map_lookup(self.ifaces_fd, ctypes.c_uint32(0), ctypes.sizeof(self._table_t))
-        return self._table_t.from_buffer_copy(raw) if raw else self._table_t()
-
-    def _write(self, table: ctypes.Array) -> None:
-        bpfsys.map_update(self.ifaces_fd, ctypes.c_uint32(0), table)
 
     def _slot(self, slot: int) -> ctypes.c_uint32:
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"counter slot {slot} is not in 0..{self.max_slots - 1}")
         return ctypes.c_uint32(slot)
 
-    def owner(self, ifindex: int) -> int:
-        """The ifindex whose entry holds the index ``ifindex`` hashes to (0: free)."""
-        return self._table()[self._index(ifindex)].ifindex
-
     def zero(self, slot: int) -> None:
-        """Set every counter of ``slot`` to zero."""
+        """Set every counter of ``slot`` to zero (before a filter with its classid goes on)."""
         bpfsys.map_update(self.stats_fd, self._slot(slot), self._rows_t())
-
-    def assign(self, ifindex: int, slot: int) -> None:
-        """Count ``ifindex`` in ``slot`` from now on, starting from zero."""
-        self.zero(slot)
-        table = self._table()
-        entry = table[self._index(ifindex)]
-        if (entry.ifindex, entry.slot) == (ifindex, slot):
-            return
-        if entry.ifindex:
-            entry.ifindex, entry.slot = 0, 0
-            self._write(table)
-        entry.ifindex, entry.slot = ifindex, slot
-        self._write(table)
-
-    def release(self, ifindex: int) -> None:
-        """Free the entry of ``ifindex`` (if it still holds it)."""
-        table = self._table()
-        entry = table[self._index(ifindex)]
-        if entry.ifindex == ifindex and ifindex:
-            entry.ifindex, entry.slot = 0, 0
-            self._write(table)
 
     def read(self, slots: Iterable[int]) -> dict[tuple[int, int], tuple[int, int]]:
         """(slot, color id) -> (packets, bytes) summed over CPUs, for ``slots``; zeros absent."""
@@ -311,9 +274,6 @@ class NodeCounters:
                 if packets:
                     out[(slot, cid)] = (packets, sum(row.colors[cid].bytes for row in rows))
         return out
-
-    def _index(self, ifindex: int) -> int:
-        return ifindex & (self.ifindex_slots - 1)
 
 
 def present_entries(fd: int, slots: dict[int, int]) -> dict[int, abi.ColorEntry]:

@@ -2,14 +2,15 @@
 
 The facade ``NodeDatapath`` is to the node agent what ``DatapathManager`` is to a
 pod's sidecar, with the same pieces: the build child compiles ``bpf/node.c``,
-``maps`` writes its color table and counter slots through bpf syscalls, and a
+``maps`` writes its color table and zeroes counter slots through bpf syscalls, and a
 netlink child (``ctl.NetlinkSession``, kept for the agent's life because pods
 come and go all the time) attaches filters and installs ``ip rule fwmark``
 rules and routes, in the agent's own network namespace: the node's.
 
 Interfaces are judged by name against the policy's ``node.interfaces`` globs
 (``wants``). Each attached interface gets a counter slot before its filter
-goes on, so its first packet is counted under its name; an interface that
+goes on, carried by the filter itself as its classid (``abi.node_classid``),
+so its first packet is counted under its name; an interface that
 vanishes takes its filter with it, and only our records and its slot are
 dropped. Objects carrying our tags in this namespace are ours: a start removes
 the filters a killed run left anywhere and replaces its rules and routes.
@@ -37,7 +38,6 @@ from sidecar.policy import AttachPoint, Policy
 
 log = logging.getLogger(__name__)
 
-IFINDEX_SLOTS = 65536  # sc_node_iftab entries: a power of two, 512 KiB
 MAX_INTERFACES = 256  # counter slots (slot 0 counts interfaces that have none)
 UNATTRIBUTED = "other"  # the interface label of slot 0
 
@@ -70,11 +70,10 @@ class NodeDatapath:
         self,
         policy: Policy,
         *,
-        ifindex_slots: int = IFINDEX_SLOTS,
         max_interfaces: int = MAX_INTERFACES,
     ) -> None:
         self.policy = policy
-        self._sizes = (ifindex_slots, max_interfaces)
+        self._max_interfaces = max_interfaces
         self._lock = threading.RLock()
         self._qdisc: QdiscOwnership = {}
         self._net: NetlinkSession | None = None
@@ -100,12 +99,10 @@ class NodeDatapath:
                 raise DatapathError("start", "this node data path was closed; make a new one")
             try:
                 self._net = NetlinkSession(self._qdisc)
-                self._clf = build_node_classifier(*self._sizes)
+                self._clf = build_node_classifier(self._max_interfaces)
                 m = abi.NODE_MAPS
                 self._colors = NodeColorTable(self._clf.maps[m.colors])
-                self._counters = NodeCounters(
-                    self._clf.maps[m.ifaces], self._clf.maps[m.stats], self._sizes[0]
-                )
+                self._counters = NodeCounters(self._clf.maps[m.stats])
                 self._set_colors(self.policy)
                 removed = self._net.sweep(None)
                 if removed:
@@ -323,24 +320,19 @@ class NodeDatapath:
     def _attach(self, ifindex: int, ifname: str) -> None:
         assert self._clf is not None and self._counters is not None
         slot = self._slots.take()
-        owner = self._counters.owner(ifindex)
-        if slot and owner and owner != ifindex:
-            log.warning(
-                "node: %s (ifindex %d) shares a counter entry with ifindex %d: counted as %r",
-                ifname,
-                ifindex,
-                owner,
-                UNATTRIBUTED,
-            )
-            self._slots.give(slot)
-            slot = 0
         if slot:
-            self._counters.assign(ifindex, slot)
+            self._counters.zero(slot)
+        else:
+            log.warning("node: all counter slots in use: %s is counted as %r", ifname, UNATTRIBUTED)
         try:
             with self._session() as net:
-                att = net.attach(AttachPoint(ifname, "ingress", None), self._clf.progs["ingress"])
+                att = net.attach(
+                    AttachPoint(ifname, "ingress", None),
+                    self._clf.progs["ingress"],
+                    abi.node_classid(slot),
+                )
         except DatapathError as exc:
-            self._release(ifindex, slot)
+            self._slots.give(slot)
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 log.debug("node: %s vanished before its filter went on", ifname)
                 return
@@ -364,14 +356,8 @@ class NodeDatapath:
     def _forget(self, ifindex: int) -> None:
         _, ifname, slot = self._attached.pop(ifindex)
         self._rebase_slot(ifname, slot)
-        self._release(ifindex, slot)
-        log.info("node: forgot %s (ifindex %d)", ifname, ifindex)
-
-    def _release(self, ifindex: int, slot: int) -> None:
-        if self._counters is not None:
-            with contextlib.suppress(OSError):
-                self._counters.release(ifindex)
         self._slots.give(slot)
+        log.info("node: forgot %s (ifindex %d)", ifname, ifindex)
 
     def _live(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(color, interface) -> what the map holds now, for attached slots and slot 0."""

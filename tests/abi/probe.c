@@ -71,9 +71,6 @@ int main(void)
 	FIELD(sc_node_table, reserved);
 	FIELD(sc_node_table, colors);
 
-	SIZE(sc_node_iface);
-	FIELD(sc_node_iface, ifindex);
-	FIELD(sc_node_iface, slot);
 
 	SIZE(sc_node_counters);
 	FIELD(sc_node_counters, colors);

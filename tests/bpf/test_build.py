@@ -113,11 +113,10 @@ def test_timeout_kills_the_child():
         build_classifier(1024, timeout=0.05)
 
 
-def test_node_tables_are_single_values_the_program_only_reads():
-    """bpf/node_maps.h: the color and interface tables are one value each, read in place."""
+def test_node_table_is_a_single_value_the_program_only_reads():
+    """bpf/node_maps.h: the color table is one value, read in place; counters one row per slot."""
     require_root()
-    slots = 1024
-    with build_node_classifier(slots, 8) as clf:
+    with build_node_classifier(8) as clf:
         info = {name: bpfsys.map_info(fd) for name, fd in clf.maps.items()}
         run = bpfsys.prog_test_run(
             clf.progs["ingress"], pk.tcp4(("198.18.0.1", 1), ("198.19.0.1", 2))
@@ -125,21 +124,21 @@ def test_node_tables_are_single_values_the_program_only_reads():
     m = abi.NODE_MAPS
     assert {n: (i.type, i.max_entries, i.value_size) for n, i in info.items()} == {
         m.colors: (BPF_MAP_TYPE_ARRAY, 1, ctypes.sizeof(abi.NodeTable)),
-        m.ifaces: (BPF_MAP_TYPE_ARRAY, 1, ctypes.sizeof(abi.NodeIface) * slots),
         m.stats: (BPF_MAP_TYPE_PERCPU_ARRAY, 8, ctypes.sizeof(abi.NodeSlotCounters)),
     }
-    for name in (m.colors, m.ifaces):
-        assert info[name].name.decode() == name
-        assert info[name].map_flags & bpfsys.BPF_F_RDONLY_PROG, f"{name} is writable by programs"
+    assert info[m.colors].name.decode() == m.colors
+    assert info[m.colors].map_flags & bpfsys.BPF_F_RDONLY_PROG, "the table is writable by programs"
     assert run.retval == abi.VERDICT_RETVAL
 
 
-def test_node_table_the_kernel_refuses_is_named_with_the_sizes():
-    """A table the kernel will not create (here: no interface entries) is named, with the sizes."""
+def test_node_sizes_the_kernel_or_the_source_refuse_are_named():
+    """No counter slots (the kernel refuses the map), or more than a classid's minor holds."""
     require_root()
     with pytest.raises(DatapathError) as info:
-        build_node_classifier(0, 8)
+        build_node_classifier(0)
     err = info.value
     assert err.step == "compile"
-    assert f"refused to create map {abi.NODE_MAPS.ifaces}" in str(err)
-    assert "ifindex_slots=0, max_interfaces=8" in err.hint
+    assert "max_interfaces=0" in str(err) + err.hint
+    with pytest.raises(DatapathError) as info:
+        build_node_classifier(65537)
+    assert "16-bit minor" in str(info.value)

@@ -24,13 +24,15 @@ from tests.conftest import require_root
 pytestmark = pytest.mark.root
 
 MASK = 0xFF
-SLOTS = 4096
 STABLE = Color("stable", 1, 0x1, dscp=8)  # CS1
 CANARY = Color("canary", 2, 0x2, priority=7, dscp=10)  # AF11
 LANE = Color("lane", 3, 0x3, dscp=46)  # EF
 PLAIN = Color("plain", 4, 0x4)  # no DSCP: invisible on the node
 POLICY = (STABLE, CANARY, LANE, PLAIN)
-LO = 1  # run() hands packets in as if they came in on loopback (skb->ingress_ifindex)
+# A test run cannot set skb->tc_classid (the kernel wants it zero), so every packet
+# here counts in slot 0; per-interface slots are tested on real traffic
+# (tests/netns/test_tc.py, tests/netns/test_node.py).
+SLOT = 0
 
 SRC4, DST4 = ("198.18.0.1", 40001), ("198.19.0.10", 8080)
 SRC6, DST6 = ("fd00::1", 40003), ("fd00::10", 8080)
@@ -46,16 +48,11 @@ class Loaded:
 @pytest.fixture(scope="module")
 def loaded() -> Iterator[Loaded]:
     require_root()
-    clf = build_node_classifier(SLOTS, 8)
+    clf = build_node_classifier(8)
     try:
         m = abi.NODE_MAPS
-        state = Loaded(
-            clf,
-            NodeColorTable(clf.maps[m.colors]),
-            NodeCounters(clf.maps[m.ifaces], clf.maps[m.stats], SLOTS),
-        )
+        state = Loaded(clf, NodeColorTable(clf.maps[m.colors]), NodeCounters(clf.maps[m.stats]))
         state.colors.apply(POLICY, MASK)
-        state.counters.assign(LO, 1)
         yield state
     finally:
         clf.close()
@@ -63,10 +60,9 @@ def loaded() -> Iterator[Loaded]:
 
 @pytest.fixture
 def policy(loaded: Loaded) -> Iterator[Loaded]:
-    """For tests that change the color table or the slots: restored after."""
+    """For tests that change the color table: restored after."""
     yield loaded
     loaded.colors.apply(POLICY, MASK)
-    loaded.counters.assign(LO, 1)
 
 
 @dataclass(frozen=True)
@@ -83,9 +79,8 @@ def run(
     mark: int = 0,
     priority: int = 0,
     repeat: int = 1,
-    ifindex: int = LO,
 ) -> Out:
-    ctx = abi.SkBuff(mark=mark, priority=priority, ingress_ifindex=ifindex)
+    ctx = abi.SkBuff(mark=mark, priority=priority)
     res = bpfsys.prog_test_run(loaded.clf.progs["ingress"], packet, ctx=ctx, repeat=repeat)
     assert res.ctx is not None
     out = abi.SkBuff.from_buffer_copy(res.ctx.ljust(ctypes.sizeof(abi.SkBuff), b"\0"))
@@ -191,63 +186,35 @@ def _delta(before, after, key) -> tuple[int, int]:
     return a[0] - b[0], a[1] - b[1]
 
 
-def test_counters_per_interface_slot_and_color(loaded):
-    before = loaded.counters.read([0, 1])
+def test_counters_per_color(loaded):
+    before = loaded.counters.read([SLOT])
     canary, stable = v4(10), v6(8)
     run(loaded, canary, repeat=7)
     run(loaded, stable, repeat=3)
     run(loaded, v4(12), repeat=11)  # foreign: counted nowhere
-    after = loaded.counters.read([0, 1])
-    assert _delta(before, after, (1, CANARY.id)) == (7, 7 * len(canary))
-    assert _delta(before, after, (1, STABLE.id)) == (3, 3 * len(stable))
+    after = loaded.counters.read([SLOT])
+    assert _delta(before, after, (SLOT, CANARY.id)) == (7, 7 * len(canary))
+    assert _delta(before, after, (SLOT, STABLE.id)) == (3, 3 * len(stable))
     total = sum(p for p, _ in after.values()) - sum(p for p, _ in before.values())
     assert total == 10
 
 
-def test_each_interface_counts_in_its_own_slot(policy):
-    """The interface a packet came in on (skb->ingress_ifindex) picks the slot's row."""
-    other = 7
-    policy.counters.assign(other, 3)
-    try:
-        before = policy.counters.read([1, 3])
-        run(policy, v4(10), repeat=2)
-        run(policy, v4(10), repeat=5, ifindex=other)
-        run(policy, v6(46), repeat=3, ifindex=other)
-        after = policy.counters.read([1, 3])
-    finally:
-        policy.counters.release(other)
-    assert _delta(before, after, (1, CANARY.id))[0] == 2
-    assert _delta(before, after, (3, CANARY.id))[0] == 5
-    assert _delta(before, after, (3, LANE.id))[0] == 3
-    assert _delta(before, after, (1, LANE.id))[0] == 0
+def test_zero_starts_a_slot_from_zero(loaded):
+    run(loaded, v4(10), repeat=5)
+    assert loaded.counters.read([SLOT])[(SLOT, CANARY.id)][0] >= 5
+    loaded.counters.zero(SLOT)
+    assert loaded.counters.read([SLOT]) == {}
 
 
-def test_a_slot_past_the_counters_is_refused(policy):
+def test_a_slot_past_the_counters_is_refused(loaded):
     with pytest.raises(ValueError, match=r"counter slot 8 is not in 0\.\.7"):
-        policy.counters.assign(LO, 8)
-    assert run(policy, v4(10)).mark == CANARY.mark
-    assert policy.counters.owner(LO) == LO
-
-
-def test_interface_without_a_slot_counts_as_unattributed(policy):
-    policy.counters.release(LO)
-    assert policy.counters.owner(LO) == 0
-    before = policy.counters.read([0, 1])
-    run(policy, v4(10), repeat=4)
-    # Another interface whose ifindex shares the low bits never counts for lo.
-    policy.counters.assign(LO + SLOTS, 2)
-    run(policy, v4(10), repeat=2)
-    after = policy.counters.read([0, 1, 2])
-    assert _delta(before, after, (0, CANARY.id))[0] == 6
-    assert _delta(before, after, (1, CANARY.id))[0] == 0
-    assert after.get((2, CANARY.id)) is None
-
-
-def test_assign_starts_a_slot_from_zero(policy):
-    run(policy, v4(10), repeat=5)
-    assert policy.counters.read([1])[(1, CANARY.id)][0] >= 5
-    policy.counters.assign(LO, 1)
-    assert policy.counters.read([1]) == {}
+        loaded.counters.zero(8)
+    with pytest.raises(ValueError, match="counter slot 8"):
+        loaded.counters.read([8])
+    with pytest.raises(ValueError, match="does not fit a classid"):
+        abi.node_classid(65536)
+    assert abi.node_classid(0) == 0, "slot 0: no classid on the filter"
+    assert abi.node_classid(7) == 0x10007
 
 
 # ------------------------------------------------------------------ color table

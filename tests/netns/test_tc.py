@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
+import time
 
 import pytest
 from pyroute2 import IPRoute
 
+from sidecar.datapath import abi
 from sidecar.datapath import tc as tags
+from sidecar.datapath.build import build_node_classifier
 from sidecar.datapath.child import tc as tcm
+from sidecar.datapath.maps import NodeColorTable, NodeCounters
 from sidecar.errors import DatapathError
-from sidecar.policy import AttachPoint
-from tests.netns.netnsutil import Lab, pass_program, run_child, tc, unique
+from sidecar.policy import AttachPoint, Color
+from tests.netns.netnsutil import Lab, ip, ns_socket, pass_program, run_child, tc, unique
 
 pytestmark = pytest.mark.root
 
@@ -86,6 +91,40 @@ def test_a_classid_goes_on_the_filter_and_a_replacement_carries_its_own(pair, pr
     assert second.pref != first.pref and len(filters(a, "ingress")) == 1
     t.detach(second)
     assert filters(a, "ingress") == []
+
+
+def test_the_node_classifier_counts_in_the_slot_its_filters_classid_names(pair):
+    """cls_bpf hands the filter's classid to the program: real packets, real veth, real slots."""
+    a, b = pair
+    ip("addr", "add", "198.18.91.1/24", "dev", "eth0", netns=a)
+    ip("addr", "add", "198.18.91.2/24", "dev", "eth0", netns=b)
+    canary = Color("canary", 2, 0x2, dscp=10)
+    t = tcm.TcAttacher()
+    with build_node_classifier(8) as clf:
+        NodeColorTable(clf.maps[abi.NODE_MAPS.colors]).apply([canary], 0xFF)
+        counters = NodeCounters(clf.maps[abi.NODE_MAPS.stats])
+        point = AttachPoint("eth0", "ingress", b)
+
+        def send(count: int) -> None:
+            with ns_socket(a, kind=socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, canary.dscp << 2)
+                for _ in range(count):
+                    s.sendto(b"x", ("198.18.91.2", 9))
+            time.sleep(0.2)
+
+        t.attach(point, clf.progs["ingress"], classid=abi.node_classid(3))
+        send(4)
+        t.attach(point, clf.progs["ingress"], classid=abi.node_classid(5))
+        send(2)
+        last = t.attach(point, clf.progs["ingress"])
+        send(1)
+        counted = counters.read(range(8))
+        t.detach(last)
+    assert {slot: p for (slot, cid), (p, _) in counted.items() if cid == canary.id} == {
+        3: 4,
+        5: 2,
+        0: 1,
+    }
 
 
 def test_preexisting_clsact_and_foreign_filter_are_left_alone(pair, prog):

@@ -4,7 +4,7 @@
 (``sidecar.datapath.build``) through ``spawn``. It imports ``bcc`` (LLVM and
 clang, hundreds of MB of RSS), compiles ``bpf/classifier.c`` (a pod's) or
 ``bpf/node.c`` (the node agent's) with the sizes Python owns
-(``-DSC_FLOW_MAP_SIZE``; ``-DSC_NODE_IFINDEX_SLOTS``, ``-DSC_NODE_MAX_IFACES``),
+(``-DSC_FLOW_MAP_SIZE``; ``-DSC_NODE_MAX_IFACES``),
 first creating the maps the program reads in place (``Program.direct``, passed
 as ``-D<NAME>_FD``), loads its entry points as SCHED_CLS and sends the program and map fds back
 over the inherited Unix socket (SCM_RIGHTS) with a JSON message naming each
@@ -260,15 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--program", choices=sorted(PROGRAMS), default="pod")
     parser.add_argument("--flow-table-size", type=int, help="pod: flows in the flow maps")
-    parser.add_argument("--ifindex-slots", type=int, help="node: entries of sc_node_iftab")
     parser.add_argument("--max-interfaces", type=int, help="node: counter slots")
     parser.add_argument(
         "--sock-fd", type=int, required=True, help="Unix SEQPACKET socket inherited from the parent"
     )
     args = parser.parse_args(argv)
     if args.program == "node":
-        defines = node_defines(args.ifindex_slots, args.max_interfaces)
-        what = f"ifindex_slots={args.ifindex_slots}, max_interfaces={args.max_interfaces}"
+        defines = node_defines(args.max_interfaces)
+        what = f"max_interfaces={args.max_interfaces}"
     else:
         defines = {"SC_FLOW_MAP_SIZE": flow_map_entries(args.flow_table_size)}
         what = f"flow_table_size={args.flow_table_size}"
