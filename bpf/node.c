@@ -51,8 +51,10 @@
  * and version checks are one masked compare each and the DSCP one shift:
  *   IPv4  0x0800 | version:4 ihl:4 | DSCP:6 ECN:2
  *   IPv6  0x86dd | version:4 | DSCP:6 ECN:2 (traffic class) | flow label:4
- * (The load is unaligned when the IP header is 4-aligned; x86-64 and arm64
- * have efficient unaligned access, so the verifier allows it there.)
+ * The load is unaligned when the IP header is 4-aligned. The verifier allows
+ * that only where the kernel has efficient unaligned access (x86-64, arm64,
+ * ppc64, s390x); elsewhere it refuses the program, so the build child passes
+ * SC_STRICT_ALIGN there and the same 32 bits come from two aligned 16-bit loads.
  */
 static __always_inline int sc_read_dscp(struct __sk_buff *skb)
 {
@@ -62,7 +64,12 @@ static __always_inline int sc_read_dscp(struct __sk_buff *skb)
 
 	if (data + SC_HEAD_OFF + sizeof(head) > data_end)
 		return -1;
-	head = __builtin_bswap32(*(__u32 *)(data + SC_HEAD_OFF));
+#ifdef SC_STRICT_ALIGN
+	head = (__u32)sc_ntohs(*(__be16 *)(data + SC_HEAD_OFF)) << 16 |
+	       sc_ntohs(*(__be16 *)(data + SC_HEAD_OFF + 2));
+#else
+	head = sc_ntohl(*(__u32 *)(data + SC_HEAD_OFF));
+#endif
 	if ((head & SC_HEAD_MASK) == SC_HEAD_IPV4)
 		return (head >> 2) & 0x3f;
 	if ((head & SC_HEAD_MASK) == SC_HEAD_IPV6)
@@ -111,6 +118,8 @@ int sc_node_ingress(struct __sk_buff *skb)
 	 * skb->tc_classid reads its minor, 16 bits. One load from the skb, no
 	 * table: the kernel keeps the per-interface constant with the filter. Slot
 	 * 0 (no classid) is "unattributed", which is where BPF_PROG_TEST_RUN counts.
+	 * (The field keeps our classid after we return: later bpf filters get
+	 * their own, tc actions on later filters see ours.)
 	 */
 	slot = skb->tc_classid;
 

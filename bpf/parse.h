@@ -29,8 +29,12 @@
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define sc_htons(x) ((__be16)__builtin_bswap16(x))
+#define sc_ntohs(x) ((__u16)__builtin_bswap16(x))
+#define sc_ntohl(x) ((__u32)__builtin_bswap32(x))
 #else
 #define sc_htons(x) ((__be16)(x))
+#define sc_ntohs(x) ((__u16)(x))
+#define sc_ntohl(x) ((__u32)(x))
 #endif
 
 /* IPv4 frag_off bits (include/net/ip.h is not UAPI). */

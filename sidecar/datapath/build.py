@@ -21,6 +21,7 @@ import importlib.resources
 import json
 import logging
 import os
+import platform
 import socket
 import subprocess
 import tempfile
@@ -96,9 +97,22 @@ def build_node_classifier(max_interfaces: int, *, timeout: float = 60.0) -> Clas
     return _build(NODE, args, 0, timeout, node_defines(max_interfaces))
 
 
-def node_defines(max_interfaces: int) -> dict[str, int]:
-    """The -D sizes of bpf/node_maps.h (Python owns map sizes)."""
-    return {"SC_NODE_MAX_IFACES": max_interfaces}
+# Machines whose kernels have efficient unaligned access, where the verifier lets a
+# program load a word at any packet offset (elsewhere it refuses a misaligned load).
+UNALIGNED_OK = frozenset({"x86_64", "aarch64", "ppc64le", "ppc64", "s390x"})
+
+
+def node_defines(max_interfaces: int, machine: str | None = None) -> dict[str, int]:
+    """The -D sizes of bpf/node_maps.h (Python owns map sizes), and SC_STRICT_ALIGN.
+
+    ``machine`` (``platform.machine()`` when None) decides how bpf/node.c reads
+    a frame's bytes 12..15: one word where unaligned loads are allowed, two
+    aligned halves elsewhere.
+    """
+    defines = {"SC_NODE_MAX_IFACES": max_interfaces}
+    if (machine or platform.machine()) not in UNALIGNED_OK:
+        defines["SC_STRICT_ALIGN"] = 1
+    return defines
 
 
 def _build(

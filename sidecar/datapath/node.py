@@ -83,6 +83,9 @@ class NodeDatapath:
         self._slots = SlotPool(max_interfaces)
         # ifindex -> (its filter, its name, its counter slot)
         self._attached: dict[int, tuple[Attachment, str, int]] = {}
+        # ifindex -> a slot kept out of the pool: an attach or detach there failed
+        # without saying whether the filter (and the slot's classid) is on.
+        self._held: dict[int, int] = {}
         self._rules: list[routing.RuleSpec] = []
         self._routes: list[routing.RouteSpec] = []
         # Counters of interfaces and color ids that left, so no series goes backwards.
@@ -146,6 +149,8 @@ class NodeDatapath:
                 self._consider(ifindex, ifname)
             for ifindex in [i for i in self._attached if i not in links]:
                 self._forget(ifindex)
+            for ifindex in [i for i in self._held if i not in links]:
+                self._unhold(ifindex)
             log.info("node data path: policy %s applied", policy.digest)
 
     def link_added(self, ifindex: int, ifname: str) -> None:
@@ -157,6 +162,8 @@ class NodeDatapath:
     def link_removed(self, ifindex: int) -> None:
         """A link vanished (its filter with it): forget it, without an error."""
         with self._lock:
+            if ifindex in self._held:
+                self._unhold(ifindex)
             if ifindex in self._attached:
                 self._forget(ifindex)
 
@@ -312,38 +319,56 @@ class NodeDatapath:
         wanted = wants(ifname, self.policy.node.interfaces)
         have = self._attached.get(ifindex)
         if have is not None and (not wanted or have[1] != ifname):
-            self._detach(ifindex)
+            if not self._detach(ifindex):
+                return  # still on, as far as we know: the next event for it tries again
             have = None
         if wanted and have is None:
             self._attach(ifindex, ifname)
 
     def _attach(self, ifindex: int, ifname: str) -> None:
+        slot = self._held.pop(ifindex, 0) or self._slots.take()
+        if not slot:
+            log.warning("node: all counter slots in use: %s is counted as %r", ifname, UNATTRIBUTED)
+        att = self._put_filter(ifindex, ifname, slot)
+        if att is not None:
+            self._attached[ifindex] = (att, ifname, slot)
+            log.info("node: attached to %s (ifindex %d), counter slot %d", ifname, ifindex, slot)
+
+    def _put_filter(self, ifindex: int, ifname: str, slot: int) -> Attachment | None:
+        """Our filter on ``ifname``, counting in ``slot`` (zeroed first); None when it failed.
+
+        It replaces a filter of ours already there. When the kernel said the
+        interface is gone, the slot goes back to the pool. Any other failure
+        leaves unknown whether the filter went on carrying the slot's classid, so
+        the slot is held for this interface: no other interface may count in it.
+        """
         assert self._clf is not None and self._counters is not None
-        slot = self._slots.take()
         if slot:
             self._counters.zero(slot)
-        else:
-            log.warning("node: all counter slots in use: %s is counted as %r", ifname, UNATTRIBUTED)
         try:
             with self._session() as net:
-                att = net.attach(
+                return net.attach(
                     AttachPoint(ifname, "ingress", None),
                     self._clf.progs["ingress"],
                     abi.node_classid(slot),
                 )
         except DatapathError as exc:
-            self._slots.give(slot)
             if exc.code in (errno.ENODEV, errno.ENOENT):
+                self._slots.give(slot)
                 log.debug("node: %s vanished before its filter went on", ifname)
-                return
+                return None
+            if slot:
+                self._held[ifindex] = slot
             self.attach_errors += 1
             log.warning("node: cannot attach to %s: %s", ifname, exc)
-            return
-        self._attached[ifindex] = (att, ifname, slot)
-        log.info("node: attached to %s (ifindex %d), counter slot %d", ifname, ifindex, slot)
+            return None
 
-    def _detach(self, ifindex: int) -> None:
-        """Take our filter off an interface the policy no longer names."""
+    def _detach(self, ifindex: int) -> bool:
+        """Take our filter off an interface the policy no longer names; False if it may stay.
+
+        A failure other than "the interface is gone" keeps the record (and so
+        the slot): the filter may still count in it, so no other interface gets it.
+        """
         att, ifname, _ = self._attached[ifindex]
         try:
             with self._session() as net:
@@ -351,13 +376,40 @@ class NodeDatapath:
         except DatapathError as exc:
             if exc.code not in (errno.ENODEV, errno.ENOENT):
                 log.warning("node: detaching from %s: %s", ifname, exc)
+                return False
         self._forget(ifindex)
+        return True
 
     def _forget(self, ifindex: int) -> None:
         _, ifname, slot = self._attached.pop(ifindex)
         self._rebase_slot(ifname, slot)
         self._slots.give(slot)
         log.info("node: forgot %s (ifindex %d)", ifname, ifindex)
+        self._promote()
+
+    def _unhold(self, ifindex: int) -> None:
+        """The interface of a held slot is gone, and any filter with it: the slot is free."""
+        self._slots.give(self._held.pop(ifindex))
+        self._promote()
+
+    def _promote(self) -> None:
+        """A slot came free: the first interface counted as "other" moves into it.
+
+        Its filter is replaced by one with the slot's classid (the new one goes
+        on before the old one comes off); what it counted as "other" stays there.
+        """
+        waiting = sorted(i for i, (_, _, slot) in self._attached.items() if not slot)
+        if not waiting or self._clf is None or self._closed:
+            return
+        slot = self._slots.take()
+        if not slot:
+            return
+        ifindex = waiting[0]
+        ifname = self._attached[ifindex][1]
+        att = self._put_filter(ifindex, ifname, slot)
+        if att is not None:
+            self._attached[ifindex] = (att, ifname, slot)
+            log.info("node: %s (ifindex %d) moves to counter slot %d", ifname, ifindex, slot)
 
     def _live(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(color, interface) -> what the map holds now, for attached slots and slot 0."""

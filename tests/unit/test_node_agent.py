@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import types
+
 from sidecar.admin.status import format_status
-from sidecar.datapath.node import SlotPool, wants
+from sidecar.datapath.abi import node_classid
+from sidecar.datapath.node import NodeDatapath, SlotPool, wants
+from sidecar.datapath.tc import Attachment
+from sidecar.errors import DatapathError
 from sidecar.node import check_node_policy
 from sidecar.policy import parse_policy
 
@@ -69,3 +76,95 @@ def test_status_of_a_node_reads_as_a_node():
     assert "ip -4 rule 10002: fwmark 0x2/0xff lookup 102" in text
     down = format_status({**STATUS, "datapath": None, "error": "boom"})
     assert "node data path: NOT attached (boom)" in down
+
+
+class _Kernel:
+    """Stands in for the netlink helper: which classid each interface's filter carries."""
+
+    def __init__(self) -> None:
+        self.filters: dict[str, int] = {}
+        self.fail: DatapathError | None = None
+
+    def attach(self, point, prog_fd, classid=0):
+        if self.fail:
+            raise self.fail
+        self.filters[point.interface] = classid
+        return Attachment(None, point.interface, 0, "ingress", 40001, 1, classid)
+
+    def detach(self, att):
+        if self.fail:
+            raise self.fail
+        del self.filters[att.ifname]
+
+
+class _Counters:
+    def zero(self, slot: int) -> None:
+        pass
+
+    def read(self, slots):
+        return {}
+
+
+def _agent(max_interfaces: int = 8) -> tuple[NodeDatapath, _Kernel]:
+    policy = parse_policy(
+        "version: 1\ncolors:\n  stable: {mark: 1, dscp: 8}\nnode: {interfaces: [veth*]}\n"
+    )
+    dp = NodeDatapath(policy, max_interfaces=max_interfaces)
+    kernel = _Kernel()
+    dp._clf = types.SimpleNamespace(progs={"ingress": -1})
+    dp._counters = _Counters()
+    dp._session = contextlib.contextmanager(lambda: (yield kernel))
+    return dp, kernel
+
+
+def _slots(dp: NodeDatapath) -> dict[str, int]:
+    return {name: slot for _, name, slot in dp._attached.values()}
+
+
+TIMEOUT = DatapathError("detach", "the netlink helper did not answer within 60 s")
+
+
+def test_a_slot_whose_filter_may_still_be_on_is_never_handed_to_another_pod():
+    dp, kernel = _agent()
+    dp.link_added(10, "veth-a")
+    kernel.fail = TIMEOUT
+    dp.policy = dataclasses.replace(
+        dp.policy, node=dataclasses.replace(dp.policy.node, interfaces=("veth-b*",))
+    )
+    dp.link_added(10, "veth-a")  # no longer wanted, but the detach times out
+    kernel.fail = None
+    dp.link_added(11, "veth-b")
+    assert kernel.filters == {"veth-a": node_classid(1), "veth-b": node_classid(2)}
+    assert _slots(dp) == {"veth-a": 1, "veth-b": 2}, "veth-a is still on: it keeps its slot"
+    dp.link_added(10, "veth-a")  # the next event for it: the detach goes through
+    assert kernel.filters == {"veth-b": node_classid(2)} and _slots(dp) == {"veth-b": 2}
+
+
+def test_an_attach_that_may_have_gone_on_holds_its_slot_for_that_interface():
+    dp, kernel = _agent()
+    kernel.fail = DatapathError("attach", "the netlink helper died")
+    dp.link_added(10, "veth-a")
+    kernel.fail = None
+    dp.link_added(11, "veth-b")
+    assert _slots(dp) == {"veth-b": 2}, "slot 1 may be on veth-a already"
+    dp.link_added(10, "veth-a")  # tried again: it gets the slot it may already carry
+    assert _slots(dp) == {"veth-a": 1, "veth-b": 2}
+    kernel.fail = DatapathError("attach", "the netlink helper died")
+    dp.link_added(12, "veth-c")
+    kernel.fail = None
+    dp.link_removed(12)  # gone, and any filter with it: slot 3 is free again
+    dp.link_added(13, "veth-d")
+    assert _slots(dp)["veth-d"] == 3
+
+
+def test_an_interface_counted_as_other_moves_into_the_first_slot_that_frees():
+    dp, kernel = _agent(max_interfaces=3)  # slots 1 and 2
+    for ifindex, name in ((10, "veth-a"), (11, "veth-b"), (12, "veth-c")):
+        dp.link_added(ifindex, name)
+    assert _slots(dp) == {"veth-a": 1, "veth-b": 2, "veth-c": 0}
+    assert kernel.filters["veth-c"] == 0, "no classid: slot 0, counted as 'other'"
+    dp.link_removed(10)
+    assert _slots(dp) == {"veth-b": 2, "veth-c": 1}
+    assert kernel.filters["veth-c"] == node_classid(1)
+    dp.link_added(13, "veth-d")
+    assert _slots(dp)["veth-d"] == 0, "no slot is free until another leaves"
