@@ -32,7 +32,7 @@ from sidecar.datapath import abi, routing
 from sidecar.datapath.build import Classifier, build_node_classifier
 from sidecar.datapath.ctl import NetlinkSession, QdiscOwnership
 from sidecar.datapath.maps import NodeColorTable, NodeCounters
-from sidecar.datapath.tc import Attachment
+from sidecar.datapath.tc import FILTER_HANDLE, Attachment
 from sidecar.errors import DatapathError
 from sidecar.policy import AttachPoint, Policy
 
@@ -83,9 +83,10 @@ class NodeDatapath:
         self._slots = SlotPool(max_interfaces)
         # ifindex -> (its filter, its name, its counter slot)
         self._attached: dict[int, tuple[Attachment, str, int]] = {}
-        # ifindex -> a slot kept out of the pool: an attach or detach there failed
-        # without saying whether the filter (and the slot's classid) is on.
-        self._held: dict[int, int] = {}
+        # ifindex -> (name, slot) of a filter that may be on: an attach there failed
+        # without saying whether it went on, so its slot (its classid) stays out of
+        # the pool and the filter is taken off if the policy stops naming it.
+        self._held: dict[int, tuple[str, int]] = {}
         self._rules: list[routing.RuleSpec] = []
         self._routes: list[routing.RouteSpec] = []
         # Counters of interfaces and color ids that left, so no series goes backwards.
@@ -145,12 +146,10 @@ class NodeDatapath:
                 raise
             self.policy = policy
             self._route(policy, prune=True)
+            gone = [i for i in {*self._attached, *self._held} if i not in links]
+            self._drop(gone)
             for ifindex, ifname in sorted(links.items()):
                 self._consider(ifindex, ifname)
-            for ifindex in [i for i in self._attached if i not in links]:
-                self._forget(ifindex)
-            for ifindex in [i for i in self._held if i not in links]:
-                self._unhold(ifindex)
             log.info("node data path: policy %s applied", policy.digest)
 
     def link_added(self, ifindex: int, ifname: str) -> None:
@@ -158,14 +157,14 @@ class NodeDatapath:
         with self._lock:
             if self._clf is not None and not self._closed:
                 self._consider(ifindex, ifname)
+                self._retry_one(ifindex)
 
     def link_removed(self, ifindex: int) -> None:
         """A link vanished (its filter with it): forget it, without an error."""
         with self._lock:
-            if ifindex in self._held:
-                self._unhold(ifindex)
-            if ifindex in self._attached:
-                self._forget(ifindex)
+            self._drop([ifindex])
+            if self._clf is not None and not self._closed:
+                self._retry_one(ifindex)
 
     def close(self) -> None:
         """Remove every filter, rule and route of ours; close fds. Safe to call twice."""
@@ -204,7 +203,8 @@ class NodeDatapath:
     @property
     def interfaces(self) -> dict[int, str]:
         """ifindex -> name of every interface with our filter."""
-        return {i: name for i, (_, name, _) in self._attached.items()}
+        with self._lock:
+            return {i: name for i, (_, name, _) in self._attached.items()}
 
     def snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(color, interface) -> (packets, bytes), including what departed interfaces counted."""
@@ -320,13 +320,16 @@ class NodeDatapath:
         have = self._attached.get(ifindex)
         if have is not None and (not wanted or have[1] != ifname):
             if not self._detach(ifindex):
-                return  # still on, as far as we know: the next event for it tries again
+                return  # still on, as far as we know: _retry_one tries again
             have = None
-        if wanted and have is None:
+        if not wanted and ifindex in self._held:
+            self._take_off_held(ifindex)
+        elif wanted and have is None:
             self._attach(ifindex, ifname)
 
     def _attach(self, ifindex: int, ifname: str) -> None:
-        slot = self._held.pop(ifindex, 0) or self._slots.take()
+        held = self._held.pop(ifindex, None)
+        slot = held[1] if held else self._slots.take()
         if not slot:
             log.warning("node: all counter slots in use: %s is counted as %r", ifname, UNATTRIBUTED)
         att = self._put_filter(ifindex, ifname, slot)
@@ -337,28 +340,40 @@ class NodeDatapath:
     def _put_filter(self, ifindex: int, ifname: str, slot: int) -> Attachment | None:
         """Our filter on ``ifname``, counting in ``slot`` (zeroed first); None when it failed.
 
-        It replaces a filter of ours already there. When the kernel said the
-        interface is gone, the slot goes back to the pool. Any other failure
-        leaves unknown whether the filter went on carrying the slot's classid, so
-        the slot is held for this interface: no other interface may count in it.
+        It replaces any filter of ours already there, so on success ours there
+        is this one. When the kernel said the interface is gone (or the name
+        now belongs to another interface), or nothing reached the kernel, the
+        slot goes back to the pool. Any other failure leaves unknown whether
+        the filter went on carrying the slot's classid, so the slot is held
+        for this interface: no other interface may count in it.
         """
         assert self._clf is not None and self._counters is not None
-        if slot:
-            self._counters.zero(slot)
         try:
+            if slot:
+                self._counters.zero(slot)
             with self._session() as net:
-                return net.attach(
+                att = net.attach(
                     AttachPoint(ifname, "ingress", None),
                     self._clf.progs["ingress"],
                     abi.node_classid(slot),
                 )
+                if att.ifindex != ifindex:  # the name went to a new interface meanwhile
+                    log.debug("node: %s is ifindex %d now, not %d", ifname, att.ifindex, ifindex)
+                    net.detach(att)
+                    self._slots.give(slot)
+                    return None
+            return att
         except DatapathError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 self._slots.give(slot)
                 log.debug("node: %s vanished before its filter went on", ifname)
                 return None
-            if slot:
-                self._held[ifindex] = slot
+            self._held[ifindex] = (ifname, slot)
+            self.attach_errors += 1
+            log.warning("node: cannot attach to %s: %s", ifname, exc)
+            return None
+        except OSError as exc:  # the counters or the helper's socket: nothing was attached
+            self._slots.give(slot)
             self.attach_errors += 1
             log.warning("node: cannot attach to %s: %s", ifname, exc)
             return None
@@ -377,39 +392,78 @@ class NodeDatapath:
             if exc.code not in (errno.ENODEV, errno.ENOENT):
                 log.warning("node: detaching from %s: %s", ifname, exc)
                 return False
-        self._forget(ifindex)
+        self._drop([ifindex])
         return True
 
-    def _forget(self, ifindex: int) -> None:
-        _, ifname, slot = self._attached.pop(ifindex)
-        self._rebase_slot(ifname, slot)
-        self._slots.give(slot)
-        log.info("node: forgot %s (ifindex %d)", ifname, ifindex)
-        self._promote()
+    def _take_off_held(self, ifindex: int) -> None:
+        """A filter that may be on an interface the policy no longer names: take it off."""
+        ifname, _ = self._held[ifindex]
+        try:
+            with self._session() as net:
+                net.detach(Attachment(None, ifname, ifindex, "ingress", 0, FILTER_HANDLE))
+        except DatapathError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT):
+                log.warning("node: taking our filter off %s: %s", ifname, exc)
+                return
+        self._drop([ifindex])
 
-    def _unhold(self, ifindex: int) -> None:
-        """The interface of a held slot is gone, and any filter with it: the slot is free."""
-        self._slots.give(self._held.pop(ifindex))
-        self._promote()
+    def _drop(self, ifindexes: Iterable[int]) -> None:
+        """These interfaces carry no filter of ours any more: records and slots go, then
+        one interface counted as "other" may move into a slot that came free."""
+        freed = False
+        for ifindex in ifindexes:
+            if ifindex in self._attached:
+                _, ifname, slot = self._attached.pop(ifindex)
+                self._rebase_slot(ifname, slot)
+                self._slots.give(slot)
+                freed = freed or bool(slot)
+                log.info("node: forgot %s (ifindex %d)", ifname, ifindex)
+            if ifindex in self._held:
+                _, slot = self._held.pop(ifindex)
+                self._slots.give(slot)
+                freed = freed or bool(slot)
+        if freed:
+            self._promote()
+
+    def _retry_one(self, skip: int) -> None:
+        """Try again, once per link event, one thing that failed without saying: a
+        removal (a record or a held filter on an interface the policy no longer
+        names), or else a promotion into a slot held for its interface."""
+        globs = self.policy.node.interfaces
+        for ifindex, (_, ifname, _) in sorted(self._attached.items()):
+            if ifindex != skip and not wants(ifname, globs):
+                self._detach(ifindex)
+                return
+        for ifindex, (ifname, _) in sorted(self._held.items()):
+            if ifindex != skip and not wants(ifname, globs):
+                self._take_off_held(ifindex)
+                return
+        if any(i in self._held for i in self._attached):
+            self._promote()
 
     def _promote(self) -> None:
         """A slot came free: the first interface counted as "other" moves into it.
 
-        Its filter is replaced by one with the slot's classid (the new one goes
-        on before the old one comes off); what it counted as "other" stays there.
+        Its filter is replaced by one with the slot's classid; what it counted
+        as "other" stays there. An interface whose attach fails with an unknown
+        outcome keeps that slot held for itself (its next attach uses it), and
+        the walk stops there rather than hold the lock through more timeouts.
         """
-        waiting = sorted(i for i, (_, _, slot) in self._attached.items() if not slot)
-        if not waiting or self._clf is None or self._closed:
+        if self._clf is None or self._closed:
             return
-        slot = self._slots.take()
-        if not slot:
-            return
-        ifindex = waiting[0]
-        ifname = self._attached[ifindex][1]
-        att = self._put_filter(ifindex, ifname, slot)
-        if att is not None:
-            self._attached[ifindex] = (att, ifname, slot)
-            log.info("node: %s (ifindex %d) moves to counter slot %d", ifname, ifindex, slot)
+        for ifindex in sorted(i for i, (_, _, slot) in self._attached.items() if not slot):
+            held = self._held.pop(ifindex, None)
+            slot = held[1] if held else self._slots.take()
+            if not slot:
+                return
+            ifname = self._attached[ifindex][1]
+            att = self._put_filter(ifindex, ifname, slot)
+            if att is not None:
+                self._attached[ifindex] = (att, ifname, slot)
+                log.info("node: %s (ifindex %d) moves to counter slot %d", ifname, ifindex, slot)
+                return
+            if ifindex in self._held:
+                return
 
     def _live(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(color, interface) -> what the map holds now, for attached slots and slot 0."""

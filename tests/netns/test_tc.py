@@ -93,6 +93,39 @@ def test_a_classid_goes_on_the_filter_and_a_replacement_carries_its_own(pair, pr
     assert filters(a, "ingress") == []
 
 
+def _stray_of_ours(netns: str, prog: int, pref: int, classid: int = 0) -> None:
+    """A second filter of ours at ``pref``: what a helper killed between add and delete leaves."""
+    with IPRoute(netns=netns, flags=0) as ipr:
+        ipr.tc(
+            "add-filter",
+            "bpf",
+            ipr.link_lookup(ifname="eth0")[0],
+            tags.FILTER_HANDLE,
+            fd=prog,
+            name=tags.filter_name("ingress"),
+            parent=INGRESS,
+            prio=pref,
+            direct_action=True,
+            classid=classid or None,
+        )
+
+
+def test_both_preferences_ours_after_a_cut_short_replacement_is_mended_in_place(pair, prog):
+    a, _ = pair
+    t = tcm.TcAttacher()
+    first = t.attach(AttachPoint("eth0", "ingress", a), prog, classid=0x10001)
+    other = next(p for p in tags.FILTER_PREFS if p != first.pref)
+    _stray_of_ours(a, prog, other, 0x10002)
+    assert len(filters(a, "ingress")) == 2
+    att = t.attach(AttachPoint("eth0", "ingress", a), prog, classid=0x10003)
+    (only,) = filters(a, "ingress")
+    shown = tc("filter", "show", "dev", "eth0", "ingress", netns=a)
+    assert only.pref == att.pref and "flowid 1:3" in shown
+    _stray_of_ours(a, prog, next(p for p in tags.FILTER_PREFS if p != att.pref))
+    t.detach(att)  # takes every filter of ours at that hook
+    assert filters(a, "ingress") == []
+
+
 def test_the_node_classifier_counts_in_the_slot_its_filters_classid_names(pair):
     """cls_bpf hands the filter's classid to the program: real packets, real veth, real slots."""
     a, b = pair

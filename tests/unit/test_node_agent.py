@@ -83,18 +83,20 @@ class _Kernel:
 
     def __init__(self) -> None:
         self.filters: dict[str, int] = {}
+        self.links: dict[str, int] = {}
         self.fail: DatapathError | None = None
 
     def attach(self, point, prog_fd, classid=0):
         if self.fail:
             raise self.fail
         self.filters[point.interface] = classid
-        return Attachment(None, point.interface, 0, "ingress", 40001, 1, classid)
+        ifindex = self.links[point.interface]
+        return Attachment(None, point.interface, ifindex, "ingress", 40001, 1, classid)
 
     def detach(self, att):
         if self.fail:
             raise self.fail
-        del self.filters[att.ifname]
+        self.filters.pop(att.ifname, None)
 
 
 class _Counters:
@@ -117,6 +119,19 @@ def _agent(max_interfaces: int = 8) -> tuple[NodeDatapath, _Kernel]:
     return dp, kernel
 
 
+def _up(dp: NodeDatapath, kernel: _Kernel, ifindex: int, name: str) -> None:
+    kernel.links[name] = ifindex
+    dp.link_added(ifindex, name)
+
+
+def _down(dp: NodeDatapath, kernel: _Kernel, ifindex: int) -> None:
+    """The link goes, and its filters with it."""
+    name = next(n for n, i in kernel.links.items() if i == ifindex)
+    del kernel.links[name]
+    kernel.filters.pop(name, None)
+    dp.link_removed(ifindex)
+
+
 def _slots(dp: NodeDatapath) -> dict[str, int]:
     return {name: slot for _, name, slot in dp._attached.values()}
 
@@ -126,45 +141,89 @@ TIMEOUT = DatapathError("detach", "the netlink helper did not answer within 60 s
 
 def test_a_slot_whose_filter_may_still_be_on_is_never_handed_to_another_pod():
     dp, kernel = _agent()
-    dp.link_added(10, "veth-a")
+    _up(dp, kernel, 10, "veth-a")
     kernel.fail = TIMEOUT
     dp.policy = dataclasses.replace(
         dp.policy, node=dataclasses.replace(dp.policy.node, interfaces=("veth-b*",))
     )
-    dp.link_added(10, "veth-a")  # no longer wanted, but the detach times out
+    _up(dp, kernel, 10, "veth-a")  # no longer wanted, but the detach times out
+    assert _slots(dp) == {"veth-a": 1}, "veth-a is still on: it keeps its slot"
     kernel.fail = None
-    dp.link_added(11, "veth-b")
-    assert kernel.filters == {"veth-a": node_classid(1), "veth-b": node_classid(2)}
-    assert _slots(dp) == {"veth-a": 1, "veth-b": 2}, "veth-a is still on: it keeps its slot"
-    dp.link_added(10, "veth-a")  # the next event for it: the detach goes through
-    assert kernel.filters == {"veth-b": node_classid(2)} and _slots(dp) == {"veth-b": 2}
+    _up(dp, kernel, 11, "veth-b")  # attached, then the failed detach is tried again
+    assert _slots(dp) == {"veth-b": 2}, "slot 1 was veth-a's while its filter might be on"
+    assert kernel.filters == {"veth-b": node_classid(2)}
 
 
 def test_an_attach_that_may_have_gone_on_holds_its_slot_for_that_interface():
     dp, kernel = _agent()
     kernel.fail = DatapathError("attach", "the netlink helper died")
-    dp.link_added(10, "veth-a")
+    _up(dp, kernel, 10, "veth-a")
     kernel.fail = None
-    dp.link_added(11, "veth-b")
+    _up(dp, kernel, 11, "veth-b")
     assert _slots(dp) == {"veth-b": 2}, "slot 1 may be on veth-a already"
-    dp.link_added(10, "veth-a")  # tried again: it gets the slot it may already carry
+    _up(dp, kernel, 10, "veth-a")  # tried again: it gets the slot it may already carry
     assert _slots(dp) == {"veth-a": 1, "veth-b": 2}
     kernel.fail = DatapathError("attach", "the netlink helper died")
-    dp.link_added(12, "veth-c")
+    _up(dp, kernel, 12, "veth-c")
     kernel.fail = None
-    dp.link_removed(12)  # gone, and any filter with it: slot 3 is free again
-    dp.link_added(13, "veth-d")
+    _down(dp, kernel, 12)  # gone, and any filter with it: slot 3 is free again
+    _up(dp, kernel, 13, "veth-d")
     assert _slots(dp)["veth-d"] == 3
 
 
 def test_an_interface_counted_as_other_moves_into_the_first_slot_that_frees():
     dp, kernel = _agent(max_interfaces=3)  # slots 1 and 2
     for ifindex, name in ((10, "veth-a"), (11, "veth-b"), (12, "veth-c")):
-        dp.link_added(ifindex, name)
+        _up(dp, kernel, ifindex, name)
     assert _slots(dp) == {"veth-a": 1, "veth-b": 2, "veth-c": 0}
     assert kernel.filters["veth-c"] == 0, "no classid: slot 0, counted as 'other'"
-    dp.link_removed(10)
+    _down(dp, kernel, 10)
     assert _slots(dp) == {"veth-b": 2, "veth-c": 1}
     assert kernel.filters["veth-c"] == node_classid(1)
-    dp.link_added(13, "veth-d")
+    _up(dp, kernel, 13, "veth-d")
     assert _slots(dp)["veth-d"] == 0, "no slot is free until another leaves"
+
+
+def _accounted(dp: NodeDatapath, size: int) -> None:
+    """Every slot is free, held for an interface, or counting for one: exactly once."""
+    free = list(dp._slots._free)
+    held = [slot for _, slot in dp._held.values() if slot]
+    used = [slot for _, _, slot in dp._attached.values() if slot]
+    assert sorted(free + held + used) == list(range(1, size)), (free, held, used)
+
+
+def test_promotions_that_keep_failing_lose_no_slot():
+    dp, kernel = _agent(max_interfaces=3)
+    for ifindex in range(10, 14):
+        _up(dp, kernel, ifindex, f"veth{ifindex}")
+    kernel.fail = TIMEOUT
+    _down(dp, kernel, 10)  # veth12 would move into slot 1: the attach times out
+    _down(dp, kernel, 11)
+    _accounted(dp, 3)
+    assert _slots(dp) == {"veth12": 0, "veth13": 0} and dp._held == {12: ("veth12", 1)}
+    kernel.fail = None
+    _up(dp, kernel, 14, "veth14")  # the next link event tries veth12's promotion again
+    _accounted(dp, 3)
+    assert _slots(dp) == {"veth12": 1, "veth13": 0, "veth14": 2}
+    assert kernel.filters["veth12"] == node_classid(1), "into the slot it may already carry"
+
+
+def test_a_removed_interface_is_never_promoted_and_a_held_filter_comes_off_when_unnamed():
+    dp, kernel = _agent(max_interfaces=2)  # slot 1 only
+    _up(dp, kernel, 10, "veth-a")
+    _up(dp, kernel, 11, "veth-b")  # counted as other
+    kernel.fail = TIMEOUT
+    _down(dp, kernel, 10)  # veth-b's promotion times out: slot 1 held for it
+    kernel.fail = None
+    _down(dp, kernel, 11)  # gone: its records and its held slot go, nothing is promoted for it
+    assert dp._held == {} and dp._attached == {}
+    _accounted(dp, 2)
+    kernel.fail = DatapathError("attach", "the netlink helper died")
+    _up(dp, kernel, 12, "veth-c")
+    kernel.fail = None
+    dp.policy = dataclasses.replace(
+        dp.policy, node=dataclasses.replace(dp.policy.node, interfaces=("cali*",))
+    )
+    _up(dp, kernel, 12, "veth-c")  # no longer named: the filter that may be on comes off
+    assert "veth-c" not in kernel.filters and dp._held == {}
+    _accounted(dp, 2)

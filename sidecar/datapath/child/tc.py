@@ -87,17 +87,24 @@ class TcAttacher:
             old = [f for f in existing if f.ours]
             used = {f.pref for f in existing}
             free = [p for p in FILTER_PREFS if p not in used]
+            verb = "add-filter"
             if not free:
-                raise DatapathError(
-                    "attach",
-                    f"preferences {FILTER_PREFS} at {point.direction} of {where} are all taken",
-                    errno.EEXIST,
-                    "another tool holds our preferences; remove its filters there",
-                )
+                ours = sorted(f.pref for f in old if f.pref in FILTER_PREFS)
+                if not ours:
+                    raise DatapathError(
+                        "attach",
+                        f"preferences {FILTER_PREFS} at {point.direction} of {where} are all taken",
+                        errno.EEXIST,
+                        "another tool holds our preferences; remove its filters there",
+                    )
+                # Both are ours (a replacement cut short between its add and its
+                # delete): swap the program and classid of one in place, in one step.
+                free, verb = ours, "replace-filter"
+                old = [f for f in old if (f.pref, f.handle) != (ours[0], FILTER_HANDLE)]
             pref = free[0]
-            with step("attach", f"add bpf filter at {point.direction} of {where}"):
+            with step("attach", f"{verb} bpf at {point.direction} of {where}"):
                 ipr.tc(
-                    "add-filter",
+                    verb,
                     "bpf",
                     ifindex,
                     FILTER_HANDLE,
@@ -123,10 +130,17 @@ class TcAttacher:
             )
 
     def detach(self, att: Attachment) -> None:
-        """Remove our filter; then the clsact qdisc if it is ours and empty."""
+        """Remove our filters at that hook (any a cut-short replacement left too); then
+        the clsact qdisc if it is ours and empty."""
         where = f"{att.ifname} ({ns.label(att.netns)}, ifindex {att.ifindex})"
         with ipr_in(att.netns) as ipr:
-            self._delete_filter(ipr, att.ifindex, att.direction, att.pref, att.handle, where)
+            mine = {
+                (f.pref, f.handle) for f in list_filters(ipr, att.ifindex, att.direction) if f.ours
+            }
+            if att.pref:  # 0: "ours there, wherever", for a filter that may be on
+                mine.add((att.pref, att.handle))
+            for pref, handle in sorted(mine):
+                self._delete_filter(ipr, att.ifindex, att.direction, pref, handle, where)
             self._maybe_delete_clsact(ipr, att.netns, att.ifindex, where)
 
     def sweep(self, netns: str | None) -> int:
