@@ -327,9 +327,13 @@ class NodeDatapath:
         elif wanted and have is None:
             self._attach(ifindex, ifname)
 
-    def _attach(self, ifindex: int, ifname: str) -> None:
+    def _claim_slot(self, ifindex: int) -> int:
+        """The slot held for this interface (its filter may carry it already), or a free one."""
         held = self._held.pop(ifindex, None)
-        slot = held[1] if held else self._slots.take()
+        return held[1] if held else self._slots.take()
+
+    def _attach(self, ifindex: int, ifname: str) -> None:
+        slot = self._claim_slot(ifindex)
         if not slot:
             log.warning("node: all counter slots in use: %s is counted as %r", ifname, UNATTRIBUTED)
         att = self._put_filter(ifindex, ifname, slot)
@@ -452,8 +456,7 @@ class NodeDatapath:
         if self._clf is None or self._closed:
             return
         for ifindex in sorted(i for i, (_, _, slot) in self._attached.items() if not slot):
-            held = self._held.pop(ifindex, None)
-            slot = held[1] if held else self._slots.take()
+            slot = self._claim_slot(ifindex)
             if not slot:
                 return
             ifname = self._attached[ifindex][1]
