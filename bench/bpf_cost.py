@@ -49,7 +49,7 @@ import time
 
 from sidecar.datapath import abi, bpfsys
 from sidecar.datapath.build import build_classifier, build_node_classifier
-from sidecar.datapath.maps import ColorTable, FlowTable, NodeColorTable
+from sidecar.datapath.maps import ColorTable, FlowTable, NodeColorTable, NodeCounters
 from sidecar.policy import Color
 
 ETH_P_IP = 0x0800
@@ -142,8 +142,9 @@ def _floor_insns(table_fd: int | None, stats_fd: int | None, generation: int = 0
     Marking: read the DS byte of an IPv4 header and write skb->mark from that
     DSCP's entry of the node's own color table, read in place in the
     ``generation`` live at load time; no ethertype, version, presence, mask or
-    generation check. Counting: one per-CPU counter at a constant key of the
-    node's own counter map, packets and bytes; no interface or color index.
+    generation check. Counting: one per-CPU counter of the node's own counter
+    map at a constant place (slot 0's row, STABLE's column), packets and
+    bytes; no interface or color index.
     Both together do less than the issue asks of a colored packet, so no
     program that marks and counts costs less on the same machine at the same time.
     """
@@ -170,7 +171,9 @@ def _floor_insns(table_fd: int | None, stats_fd: int | None, generation: int = 0
         body += _ld_map(1, stats_fd) + _insn(0x85, imm=1)  # r0 = bpf_map_lookup_elem()
         jumps.append(len(body))
         body += _insn(0x15, dst=0)  # if r0 == 0: to the end
-        packets, nbytes = abi.Counter.packets.offset, abi.Counter.bytes.offset
+        column = abi.NodeSlotCounters.colors.offset + STABLE.id * ctypes.sizeof(abi.Counter)
+        packets = column + abi.Counter.packets.offset
+        nbytes = column + abi.Counter.bytes.offset
         body += _insn(0x79, dst=1, src=0, off=packets) + _insn(0x07, dst=1, imm=1)
         body += _insn(0x7B, dst=0, src=1, off=packets)  # packets += 1
         body += _insn(0x61, dst=2, src=6, off=skb.len.offset)  # r2 = skb->len
@@ -287,20 +290,25 @@ def _load_floors(node) -> dict[str, int]:
     nm = abi.NODE_MAPS
     table, stats = node.maps[nm.colors], node.maps[nm.stats]
     live = NodeColorTable(table).generation()
+    counters = NodeCounters(stats)
+
+    def counted() -> int:  # where the floors count: slot 0, STABLE
+        return counters.read([0]).get((0, STABLE.id), (0, 0))[0]
+
     colored = _packet(LOCAL, REMOTE, tos=(STABLE.dscp or 0) << 2)
     fds: dict[str, int] = {}
     try:
         for name, t, c in (("mark", table, None), ("count", None, stats), ("both", table, stats)):
             insns = _floor_insns(t, c, live)
             fds[name] = fd = bpfsys.prog_load_sched_cls(insns, f"sc_floor_{name}")
-            before = _counted(stats)
+            before = counted()
             run = bpfsys.prog_test_run(fd, colored, ctx=abi.SkBuff())
             out = abi.SkBuff.from_buffer_copy(run.ctx) if run.ctx else abi.SkBuff()
             marked = out.mark == STABLE.mark
-            counted = _counted(stats) == before + 1
-            if (t is not None, c is not None) != (marked, counted):
+            grew = counted() == before + 1
+            if (t is not None, c is not None) != (marked, grew):
                 raise RuntimeError(
-                    f"floor program {name!r}: marked {marked}, counted {counted}; expected "
+                    f"floor program {name!r}: marked {marked}, counted {grew}; expected "
                     f"{t is not None} and {c is not None}"
                 )
     except BaseException:
@@ -308,17 +316,6 @@ def _load_floors(node) -> dict[str, int]:
             os.close(fd)
         raise
     return fds
-
-
-def _counted(stats_fd: int) -> int:
-    """Packets in the first counter of the node counter map's entry 0, summed over CPUs.
-
-    That is where the floors count (slot 0's row, color 0, which bpf/node.c never counts).
-    """
-    stride = (bpfsys.map_info(stats_fd).value_size + 7) // 8 * 8  # per CPU, 8-byte aligned
-    ncpu = bpfsys.num_possible_cpus()
-    raw = bpfsys.map_lookup(stats_fd, ctypes.c_uint32(0), stride * ncpu) or b""
-    return sum(abi.Counter.from_buffer_copy(raw, i * stride).packets for i in range(ncpu) if raw)
 
 
 # Printed columns: (title, row key); ratios print with two decimals.
